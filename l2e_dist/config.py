@@ -1,0 +1,181 @@
+"""The run configuration: one dataclass per YAML section, loaded from files plus `--set` overrides.
+
+    cfg = load_config(["configs/tiny.yaml", "configs/l2e/l2e.yaml"], ["optimizer.lr=3e-4"])
+
+Checks that only one section can do are in each section's `validate()`; checks that need two sections
+(`cross_validate`) or the launched world size (`validate_world`) are here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from l2e_dist.config_utils import ConfigError, apply_override, build, deep_merge, load_yaml, to_dict
+from l2e_dist.data.config import DataConfig
+from l2e_dist.l2e.config import L2EConfig
+from l2e_dist.model.config import ModelConfig
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    dist_timeout_s: float = 600.0  # a rank waiting longer than this on a collective fails the job
+
+    def validate(self) -> None:
+        if self.tensor_parallel < 1:
+            raise ConfigError("tensor_parallel", f"must be >= 1, got {self.tensor_parallel}")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError("dist_timeout_s", "must be > 0")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio x lr (Pythia: 0.1)
+    warmup_fraction: float = 0.01  # of train.train_iters (Pythia: 1%)
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError("warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
+        for i, beta in enumerate(self.betas):
+            if not 0 <= beta < 1:
+                raise ConfigError(f"betas[{i}]", f"must be in [0, 1), got {beta}")
+        if self.eps <= 0:
+            raise ConfigError("eps", "must be > 0")
+        if self.weight_decay < 0:
+            raise ConfigError("weight_decay", "must be >= 0")
+        if self.grad_clip < 0:
+            raise ConfigError("grad_clip", "must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    initial_scale_power: int = 12  # fp16 dynamic loss scaling starts at 2**this
+    loss_scale_window: int = 1000
+    extra: dict[str, Any] = field(default_factory=dict)  # merged verbatim into the DeepSpeed config
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass
+class TrainConfig:
+    seq_length: int = 2048
+    micro_batch_size: int = 1
+    global_batch_size: int = 1024  # sequences per optimizer step, over all data-parallel ranks
+    train_iters: int = 143000
+    seed: int = 1234
+    activation_checkpointing: bool = False
+    log_interval: int = 10
+    eval_interval: int = 1000  # 0 disables validation
+    eval_iters: int = 10
+    save_interval: int = 1000  # 0: save only at the end
+    keep_last_n: int = 3  # checkpoints kept on disk (0 keeps all)
+    output_dir: str = "runs/default"
+    resume: bool = True  # continue from output_dir/checkpoints/latest when present
+
+    def validate(self) -> None:
+        for key in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters", "log_interval"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("eval_interval", "eval_iters", "save_interval", "keep_last_n"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                "global_batch_size",
+                f"{self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
+            )
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "l2e-dist"
+    wandb_mode: Literal["online", "offline"] = "offline"
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    l2e: L2EConfig = field(default_factory=L2EConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        cross_validate(self)
+
+
+def cross_validate(cfg: RunConfig) -> None:
+    """Checks that involve two sections; keys are named from the top."""
+    tp = cfg.parallel.tensor_parallel
+    if cfg.model.num_attention_heads % tp:
+        raise ConfigError(
+            "parallel.tensor_parallel",
+            f"TP={tp} must divide model.num_attention_heads={cfg.model.num_attention_heads}",
+        )
+    if cfg.model.ffn_size % tp:
+        raise ConfigError(
+            "parallel.tensor_parallel", f"TP={tp} must divide the MLP width {cfg.model.ffn_size}"
+        )
+    if cfg.train.seq_length > cfg.model.max_position_embeddings:
+        raise ConfigError(
+            "train.seq_length",
+            f"{cfg.train.seq_length} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}",
+        )
+    if cfg.l2e.method != "none":
+        cfg.l2e.resolve_layers(cfg.model.num_layers)
+
+
+def validate_world(cfg: RunConfig, world_size: int) -> int:
+    """Check the config against the launched world size; returns the data-parallel size."""
+    tp = cfg.parallel.tensor_parallel
+    if world_size % tp:
+        raise ConfigError(
+            "parallel.tensor_parallel",
+            f"world size {world_size} is not divisible by TP={tp}: launch a multiple of {tp} processes",
+        )
+    dp = world_size // tp
+    per_step = cfg.train.micro_batch_size * dp
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{cfg.train.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
+            f"({cfg.train.micro_batch_size} x {dp} = {per_step}); change train.global_batch_size or the launch",
+        )
+    return dp
+
+
+def load_config(paths: list[str], overrides: list[str] | None = None) -> RunConfig:
+    """Merge YAML files in order, apply `key=value` overrides, build and validate the RunConfig."""
+    if not paths:
+        raise ConfigError("", "no config file given (e.g. --config configs/tiny.yaml)")
+    data: dict = {}
+    for path in paths:
+        data = deep_merge(data, load_yaml(path))
+    for assignment in overrides or []:
+        data = apply_override(data, assignment)
+    return build(RunConfig, data)
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return to_dict(cfg)

@@ -1,0 +1,70 @@
+"""The `data:` section of the run config (see configs/data/*.yaml)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from l2e_dist.config_utils import ConfigError
+
+
+def parse_split(split: str) -> tuple[float, float, float]:
+    """'969,30,1' -> normalised (train, valid, test) fractions; raises ConfigError('split', ...)."""
+    parts = [p.strip() for p in str(split).split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 3 or any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
+        raise ConfigError(
+            "split", f"expected three non-negative numbers 'train,valid,test' (e.g. '969,30,1'), got {split!r}"
+        )
+    total = sum(values)
+    return values[0] / total, values[1] / total, values[2] / total
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from and how they are split, blended and labelled.
+
+    `split` divides the DOCUMENTS of every dataset (contiguously, in file order, as Megatron does) into
+    train/valid/test; samples are then packed within each split, so no document is shared by two splits.
+    """
+
+    # Megatron .bin/.idx prefixes (no extension); empty -> the bundled default corpus (stdlib docstrings).
+    paths: list[str] = field(default_factory=list)
+    # Blending weights, one per path (normalised); None -> proportional to each dataset's size.
+    weights: list[float] | None = None
+    split: str = "969,30,1"
+    # tokenizer.json (HF) or SentencePiece .model. None -> taken from the `<prefix>.meta.json` written by
+    # l2e-prepare-data (or the built tokenizer of the default corpus). Needed for Pythia's published files.
+    tokenizer: str | None = None
+    # End-of-document token of an HF tokenizer when it is not one of the usual names (<|endoftext|>, </s>, ...).
+    eod_token: str | None = None
+    # Default corpus, packing/blending index files and sample-order files live here.
+    cache_dir: str = ".cache/l2e-data"
+    # Load per-document feature labels (`<prefix>.labels.npy/json`) when present, for FKR.
+    labels: bool = True
+
+    def validate(self) -> None:
+        parse_split(self.split)
+        if self.weights is not None:
+            if not self.paths:
+                raise ConfigError("weights", "weights need data.paths (the default corpus is a single dataset)")
+            if len(self.weights) != len(self.paths):
+                raise ConfigError(
+                    "weights", f"got {len(self.weights)} weights for {len(self.paths)} paths: give one per path"
+                )
+            if any(not math.isfinite(w) or w <= 0 for w in self.weights):
+                raise ConfigError("weights", f"weights must be positive numbers, got {self.weights}")
+        for i, path in enumerate(self.paths):
+            if not path:
+                raise ConfigError(f"paths[{i}]", "empty path")
+            if path.endswith((".bin", ".idx")):
+                raise ConfigError(
+                    f"paths[{i}]", f"give the prefix without extension, e.g. {path[:-4]!r} instead of {path!r}"
+                )
+        if len(set(self.paths)) != len(self.paths):
+            raise ConfigError("paths", "a path is listed twice: use weights to up-sample a dataset instead")
+        if not self.cache_dir:
+            raise ConfigError("cache_dir", "must not be empty")

@@ -1,0 +1,120 @@
+"""The `l2e:` section of the run config (see /work/shared/docs/l2e-method.md for the method).
+
+Defaults follow the L2E paper (Mid-2 layers, p = 2%, lambda = 1e-9, n_f = 10, eps = 0.01); choices the papers
+leave open are ours and documented on the fields below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from l2e_dist.config_utils import ConfigError
+
+LAYER_PRESETS = ("mid2", "mid_third")
+
+
+@dataclass
+class L2EConfig:
+    """Monosemantic-neuron inhibition settings.
+
+    `threshold_lr` (ours, default 5.0): per micro-batch the log-threshold moves by threshold_lr * (f - p), where
+    f is the global fraction of scores >= tau. Downward steps are at most threshold_lr * p (10% per micro-batch at
+    the defaults), upward steps grow with the excess; for Gaussian-like scores at p = 0.02 the error in log tau
+    shrinks by ~30% per micro-batch. The long-run mean of f is exactly p for any lr > 0 (the log-threshold
+    stays bounded), so lr only trades tracking speed against jitter.
+    """
+
+    method: Literal["l2e", "memel", "none"] = "none"
+    # "mid2": 0-based L//2-1 and L//2; "mid_third": round(L/3) layers centred in the stack; or an explicit list.
+    layers: str | list[int] = "mid2"
+    # Where the model places its probe; the engine itself only sees the tensor it is given.
+    activation: Literal["post_act", "pre_act"] = "post_act"
+    # auto: moving threshold for l2e, per-token top-k for memel.
+    retrieval: Literal["auto", "threshold", "topk"] = "auto"
+    inhibit_ratio: float = 0.02
+    topk: int = 1
+    reg_lambda: float = 1e-9
+    # sum: the paper's SUM over the global batch; mean: divided by the global token count.
+    reduction: Literal["sum", "mean"] = "sum"
+    delta: float = 1e-6
+    eps: float = 0.01
+    # Counted in micro-batches: statistics and the threshold update once per micro-batch (see inhibitor.py).
+    forget_steps: int = 10
+    late_start: int | None = None
+    threshold_lr: float = 5.0
+    rd_strength: float = 1.0
+    fkr: bool = False
+    num_features: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def start_after(self) -> int:
+        """Number of merged micro-batches before scoring starts (late_start, default forget_steps)."""
+        return self.forget_steps if self.late_start is None else self.late_start
+
+    @property
+    def uses_threshold(self) -> bool:
+        if self.retrieval == "auto":
+            return self.method == "l2e"
+        return self.retrieval == "threshold"
+
+    def validate(self) -> None:
+        if not 0.0 < self.inhibit_ratio <= 0.5:
+            raise ConfigError("inhibit_ratio", f"must be in (0, 0.5], got {self.inhibit_ratio} (paper: 0.01-0.03)")
+        if self.topk < 1:
+            raise ConfigError("topk", f"must be >= 1, got {self.topk}")
+        if self.reg_lambda < 0:
+            raise ConfigError("reg_lambda", f"must be >= 0, got {self.reg_lambda} (paper: 1e-9 to 1e-11)")
+        if self.delta <= 0:
+            raise ConfigError("delta", f"must be > 0 (it keeps log((z-mu)^2 + delta) finite), got {self.delta}")
+        if self.eps < 0:
+            raise ConfigError("eps", f"must be >= 0, got {self.eps}")
+        if self.forget_steps < 1:
+            raise ConfigError("forget_steps", f"must be >= 1, got {self.forget_steps}")
+        if self.late_start is not None and self.late_start < 1:
+            raise ConfigError("late_start", f"must be >= 1 (or null for forget_steps), got {self.late_start}")
+        if self.threshold_lr <= 0:
+            raise ConfigError("threshold_lr", f"must be > 0, got {self.threshold_lr}")
+        if self.rd_strength <= 0:
+            raise ConfigError("rd_strength", f"must be > 0, got {self.rd_strength}")
+        if self.num_features < 0:
+            raise ConfigError("num_features", f"must be >= 0, got {self.num_features}")
+        if self.fkr and self.num_features <= 0:
+            raise ConfigError("num_features", "fkr: true needs num_features > 0 (the number of feature labels)")
+        self._validate_layers()
+
+    def _validate_layers(self) -> None:
+        if isinstance(self.layers, str):
+            if self.layers not in LAYER_PRESETS:
+                raise ConfigError("layers", f"must be one of {list(LAYER_PRESETS)} or a list of 0-based layer "
+                                            f"indices, got {self.layers!r}")
+            return
+        if not self.layers:
+            raise ConfigError("layers", "empty list: give at least one 0-based layer index or 'mid2'")
+        if any(i < 0 for i in self.layers):
+            raise ConfigError("layers", f"indices must be >= 0 (0-based), got {self.layers}")
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError("layers", f"duplicate layer index in {self.layers}")
+
+    def resolve_layers(self, num_layers: int) -> list[int]:
+        """0-based indices of the inhibited layers for a model with `num_layers` transformer layers."""
+        self._validate_layers()
+        if self.layers == "mid2":
+            if num_layers < 2:
+                raise ConfigError("layers", f"'mid2' needs at least 2 layers, the model has {num_layers}")
+            return [num_layers // 2 - 1, num_layers // 2]
+        if self.layers == "mid_third":
+            if num_layers < 1:
+                raise ConfigError("layers", f"'mid_third' needs at least 1 layer, the model has {num_layers}")
+            count = max(1, round(num_layers / 3))
+            start = (num_layers - count) // 2
+            return list(range(start, start + count))
+        bad = [i for i in self.layers if i >= num_layers]
+        if bad:
+            raise ConfigError("layers", f"indices {bad} out of range for a model with {num_layers} layers "
+                                        f"(valid: 0..{num_layers - 1})")
+        return sorted(self.layers)

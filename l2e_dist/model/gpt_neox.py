@@ -1,0 +1,229 @@
+"""GPT-NeoX / Pythia built from megatron-core tensor-parallel layers.
+
+One file, read top to bottom: rotary embeddings -> attention -> MLP -> parallel-residual layer -> model.
+Module and parameter names match Hugging Face's `GPTNeoXForCausalLM` (minus its `gpt_neox.` prefix) so that
+checkpoint conversion is a rename plus TP merge. QKV rows are interleaved per head (q, k, v of head 0, then
+head 1, ...), as in GPT-NeoX and HF; a column-parallel split therefore gives each TP rank whole heads.
+
+The MLP exposes two `nn.Identity` probes (`pre_act_probe`, `post_act_probe`) at the neuron activation: the
+L2E engine attaches forward hooks there, so this file knows nothing of L2E (nor of DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
+from megatron.core.transformer import TransformerConfig
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from l2e_dist.model.config import ModelConfig
+
+
+def _normal_init(std: float):
+    def init(tensor: torch.Tensor) -> None:
+        nn.init.normal_(tensor, mean=0.0, std=std)
+
+    return init
+
+
+def init_methods(cfg: ModelConfig) -> tuple:
+    """GPT-NeoX init: small_init (Nguyen & Salazar) for inputs, wang_init for residual-branch outputs."""
+    h, n = cfg.hidden_size, cfg.num_layers
+    std_in = math.sqrt(2.0 / (5.0 * h)) if cfg.init_method == "small_init" else cfg.init_std
+    std_out = 2.0 / (n * math.sqrt(h)) if cfg.output_layer_init_method == "wang_init" else cfg.init_std
+    return _normal_init(std_in), _normal_init(std_out)
+
+
+def megatron_config(cfg: ModelConfig) -> TransformerConfig:
+    """The megatron-core config the TP layers need. CPU initialisation makes the full weights identical for
+    every TP size (each rank draws the whole matrix from the same seed and keeps its slice)."""
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_size,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        sequence_parallel=False,
+        params_dtype=torch.float32,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+    )
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the first `rotary_dims` dims of each head (GPT-NeoX "rotate_half" layout)."""
+
+    def __init__(self, rotary_dims: int, base: int):
+        super().__init__()
+        self.rotary_dims = rotary_dims
+        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dims, 2, dtype=torch.int64).float() / rotary_dims))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache is None or self._cache[0] < seq_len or self._cache[1] != device:
+            t = torch.arange(seq_len, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._cache = (seq_len, device, emb.cos(), emb.sin())
+        return self._cache[2][:seq_len], self._cache[3][:seq_len]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dims: int) -> torch.Tensor:
+    """x: [b, heads, s, d]; rotate the first `rotary_dims` dims, pass the rest through."""
+    if rotary_dims == 0:
+        return x
+    rot, rest = x[..., :rotary_dims], x[..., rotary_dims:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+
+class ParallelAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig, init_in, init_out):
+        super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.heads_local = cfg.num_attention_heads // tp
+        self.head_dim = cfg.head_dim
+        self.rotary_dims = cfg.rotary_dims
+        h = cfg.hidden_size
+        self.query_key_value = ColumnParallelLinear(
+            h, 3 * h, config=mcfg, init_method=init_in, bias=True, gather_output=False
+        )
+        self.dense = RowParallelLinear(
+            h, h, config=mcfg, init_method=init_out, bias=True, input_is_parallel=True, skip_bias_add=False
+        )
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv, _ = self.query_key_value(x)
+        qkv = qkv.view(b, s, self.heads_local, 3 * self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split(self.head_dim, dim=-1)
+        q = apply_rotary(q, cos, sin, self.rotary_dims)
+        k = apply_rotary(k, cos, sin, self.rotary_dims)
+        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ctx = ctx.transpose(1, 2).reshape(b, s, self.heads_local * self.head_dim)
+        out, _ = self.dense(ctx)
+        return out
+
+
+class ParallelMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig, init_in, init_out):
+        super().__init__()
+        self.dense_h_to_4h = ColumnParallelLinear(
+            cfg.hidden_size, cfg.ffn_size, config=mcfg, init_method=init_in, bias=True, gather_output=False
+        )
+        self.dense_4h_to_h = RowParallelLinear(
+            cfg.ffn_size,
+            cfg.hidden_size,
+            config=mcfg,
+            init_method=init_out,
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
+        self.gelu_approximate = cfg.gelu_approximate
+        # Neuron activation probes (identity): L2E hooks attach here; each TP rank sees its slice of neurons.
+        self.pre_act_probe = nn.Identity()
+        self.post_act_probe = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.dense_h_to_4h(x)
+        hidden = self.pre_act_probe(hidden)
+        hidden = F.gelu(hidden, approximate=self.gelu_approximate)
+        hidden = self.post_act_probe(hidden)
+        out, _ = self.dense_4h_to_h(hidden)
+        return out
+
+
+class ParallelResidualLayer(nn.Module):
+    """GPT-NeoX layer: x + attn(ln1(x)) + mlp(ln2(x)) (or sequential when use_parallel_residual is false).
+
+    megatron-core has no parallel-residual layer; this is it. Both branch outputs come out of row-parallel
+    layers already reduced over TP, and their biases are full (replicated) tensors.
+    """
+
+    def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig, init_in, init_out):
+        super().__init__()
+        self.use_parallel_residual = cfg.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.attention = ParallelAttention(cfg, mcfg, init_in, init_out)
+        self.mlp = ParallelMLP(cfg, mcfg, init_in, init_out)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        attn = self.attention(self.input_layernorm(x), cos, sin)
+        if self.use_parallel_residual:
+            return x + attn + self.mlp(self.post_attention_layernorm(x))
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPTNeoX(nn.Module):
+    """Pythia-style decoder. `forward(tokens, labels)` returns per-token losses [b, s] (vocab-parallel
+    cross entropy, so logits are never gathered); without labels, this TP rank's logits shard [b, s, V/tp]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if cfg.num_attention_heads % tp:
+            raise ValueError(f"num_attention_heads={cfg.num_attention_heads} is not divisible by TP={tp}")
+        self.padded_vocab_size = cfg.padded_vocab_size(tp)
+        mcfg = megatron_config(cfg)
+        init_in, init_out = init_methods(cfg)
+        self.activation_checkpointing = False
+        self.embed_in = VocabParallelEmbedding(
+            self.padded_vocab_size, cfg.hidden_size, init_method=init_in, config=mcfg
+        )
+        self.rotary = RotaryEmbedding(cfg.rotary_dims, cfg.rotary_base)
+        self.layers = nn.ModuleList(
+            ParallelResidualLayer(cfg, mcfg, init_in, init_out) for _ in range(cfg.num_layers)
+        )
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.embed_out = ColumnParallelLinear(
+            cfg.hidden_size,
+            self.padded_vocab_size,
+            config=mcfg,
+            init_method=init_in,
+            bias=False,
+            gather_output=False,
+        )
+
+    def mlp_probes(self, activation: str = "post_act") -> dict[int, nn.Module]:
+        """Layer index -> the identity module at the MLP neuron activation (for L2E hooks)."""
+        name = {"post_act": "post_act_probe", "pre_act": "pre_act_probe"}[activation]
+        return {i: getattr(layer.mlp, name) for i, layer in enumerate(self.layers)}
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed_in(tokens)
+        cos, sin = self.rotary(tokens.shape[1], x.device)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        logits, _ = self.embed_out(self.final_layer_norm(x))
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits.float(), labels)

@@ -1,0 +1,117 @@
+"""Process groups: torch.distributed + megatron-core parallel_state, and the adapter DeepSpeed's `mpu=` needs.
+
+This is the only module that decides the device and backend (CUDA+NCCL when a GPU is present, else CPU+gloo),
+so the rest of the code base stays device-agnostic.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Where this rank sits: world = tensor_parallel x data_parallel (no pipeline parallelism)."""
+
+    world_size: int
+    rank: int
+    tp_size: int
+    tp_rank: int
+    dp_size: int
+    dp_rank: int
+
+
+def init_process_groups(tensor_parallel: int, timeout_s: float = 600.0) -> ParallelLayout:
+    """Initialise torch.distributed from the environment (torchrun, deepspeed, srun or mpirun; see
+    launch_env) and megatron-core's TP/DP groups. Safe to call for a single process (world of 1)."""
+    if not dist.is_initialized():
+        from l2e_dist.parallel.launch_env import discover_distributed_env
+
+        env = discover_distributed_env()
+        device = default_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        import deepspeed
+
+        deepspeed.init_distributed(
+            dist_backend=default_backend(),
+            timeout=datetime.timedelta(seconds=timeout_s),
+            auto_mpi_discovery=False,
+            rank=env.rank,
+            world_size=env.world_size,
+        )
+    world = dist.get_world_size()
+    if world % tensor_parallel:
+        raise ValueError(
+            f"world size {world} is not divisible by parallel.tensor_parallel={tensor_parallel}: "
+            f"launch a multiple of {tensor_parallel} processes or change parallel.tensor_parallel"
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel,
+            distributed_timeout_minutes=max(1, int(timeout_s // 60)),
+            create_gloo_process_groups=False,
+        )
+    return current_layout()
+
+
+def current_layout() -> ParallelLayout:
+    return ParallelLayout(
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def tensor_and_data_parallel_group():
+    """The group spanning TP x DP (all ranks holding one pipeline stage): L2E reduces its statistics here."""
+    return parallel_state.get_tensor_and_data_parallel_group()
+
+
+def destroy_process_groups() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DeepSpeedMpu:
+    """DeepSpeed's `mpu=` expects the old Megatron names; megatron-core renamed them. This maps them."""
+
+    get_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_src_rank = staticmethod(parallel_state.get_tensor_model_parallel_src_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_pipeline_model_parallel_world_size = staticmethod(
+        parallel_state.get_pipeline_model_parallel_world_size
+    )
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+    get_pipe_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
+    get_pipe_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipe_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)

@@ -1,0 +1,72 @@
+"""Optimizer, learning-rate schedule and the DeepSpeed config derived from the run config."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from l2e_dist.config import RunConfig
+from l2e_dist.config_utils import deep_merge
+
+
+def lr_multiplier(step: int, cfg: RunConfig) -> float:
+    """Linear warmup then cosine (or linear) decay to min_lr_ratio, as in GPT-NeoX/Pythia. `step` counts
+    optimizer steps already taken (0-based)."""
+    opt, total = cfg.optimizer, cfg.train.train_iters
+    warmup = int(round(opt.warmup_fraction * total))
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if opt.decay_style == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if opt.decay_style == "linear":
+        decay = 1.0 - progress
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return opt.min_lr_ratio + (1.0 - opt.min_lr_ratio) * decay
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW with no weight decay on biases and LayerNorm weights (GPT-NeoX convention)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "layernorm" in name or "layer_norm" in name else decay).append(param)
+    opt = cfg.optimizer
+    groups = [
+        {"params": decay, "weight_decay": opt.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
+
+
+def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
+    """The DeepSpeed JSON config. Batch sizes are given per data-parallel rank; `deepspeed.extra` wins."""
+    train, ds = cfg.train, cfg.deepspeed
+    gas = train.global_batch_size // (train.micro_batch_size * dp_size)
+    config = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "fp16": {
+            "enabled": ds.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": ds.initial_scale_power,
+            "loss_scale_window": ds.loss_scale_window,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(config, ds.extra)

@@ -1,0 +1,274 @@
+"""The pretraining loop: process groups -> data -> model (+ L2E hooks) -> DeepSpeed engine -> steps.
+
+Read `pretrain()` top to bottom; every piece it calls lives in its own module (config, parallel.state,
+data, model, l2e, training.optim, training.metrics, checkpoint.io).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from l2e_dist.checkpoint.io import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from l2e_dist.config import RunConfig, config_to_dict, validate_world
+from l2e_dist.data import build_datasets, global_batch_iterator, prepare_default_corpus
+from l2e_dist.l2e.hooks import attach as attach_l2e
+from l2e_dist.l2e.inhibitor import L2EInhibitor
+from l2e_dist.model.gpt_neox import GPTNeoX
+from l2e_dist.parallel.state import (
+    DeepSpeedMpu,
+    ParallelLayout,
+    default_device,
+    init_process_groups,
+    tensor_and_data_parallel_group,
+)
+from l2e_dist.training.metrics import MetricsLogger
+from l2e_dist.training.optim import build_optimizer, build_scheduler, deepspeed_config
+
+# Peak dense bf16/fp16 TFLOP/s per device, for the MFU estimate (None: unknown, MFU not reported).
+_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "V100": 125.0, "L4": 121.0}
+
+
+@dataclass
+class TrainResult:
+    final_step: int
+    final_loss: float
+    losses: list[float]
+    output_dir: str
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
+
+
+def _prepare_data(cfg: RunConfig, layout: ParallelLayout):
+    """Rank 0 builds/indexes the data first (writing caches), then everybody reads it."""
+    if not cfg.data.paths and layout.rank == 0:
+        prepare_default_corpus(cfg.data.cache_dir)
+    if layout.rank == 0:
+        datasets = build_datasets(cfg.data, cfg.train.seq_length, cfg.train.seed)
+    dist.barrier()
+    if layout.rank != 0:
+        datasets = build_datasets(cfg.data, cfg.train.seq_length, cfg.train.seed)
+    return datasets
+
+
+def _build_inhibitor(
+    cfg: RunConfig, model: GPTNeoX, layout: ParallelLayout, gas: int, device
+) -> L2EInhibitor | None:
+    if cfg.l2e.method == "none":
+        return None
+    layers = cfg.l2e.resolve_layers(cfg.model.num_layers)
+    inhibitor = L2EInhibitor(
+        cfg.l2e,
+        layers,
+        cfg.model.ffn_size,
+        tp_rank=layout.tp_rank,
+        tp_size=layout.tp_size,
+        reduce_group=tensor_and_data_parallel_group() if layout.world_size > 1 else None,
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        dp_size=layout.dp_size,
+        micro_batches_per_step=gas,
+        device=device,
+    )
+    probes = model.mlp_probes(cfg.l2e.activation)
+    attach_l2e(inhibitor, {layer: probes[layer] for layer in layers})
+    return inhibitor
+
+
+def _set_training(engine, inhibitor: L2EInhibitor | None, training: bool) -> None:
+    engine.train(training)
+    if inhibitor is not None:
+        inhibitor.training = training
+
+
+@torch.no_grad()
+def evaluate(engine, inhibitor, valid_set, cfg: RunConfig, layout: ParallelLayout, device) -> float:
+    """Mean validation LM loss over `eval_iters` global batches (always the same batches)."""
+    _set_training(engine, inhibitor, False)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    batches = global_batch_iterator(
+        valid_set,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        dp_rank=layout.dp_rank,
+        dp_size=layout.dp_size,
+        seed=cfg.train.seed + 1,
+    )
+    for _, micro_batches in zip(range(cfg.train.eval_iters), batches):
+        for micro in micro_batches:
+            tokens = micro["tokens"].to(device)
+            losses = engine(tokens[:, :-1], tokens[:, 1:])
+            total[0] += losses.double().sum()
+            total[1] += losses.numel()
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    _set_training(engine, inhibitor, True)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def pretrain(cfg: RunConfig) -> TrainResult:
+    layout = init_process_groups(cfg.parallel.tensor_parallel, cfg.parallel.dist_timeout_s)
+    dp_size = validate_world(cfg, layout.world_size)
+    gas = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
+    device = default_device()
+    seed_everything(cfg.train.seed)
+
+    datasets = _prepare_data(cfg, layout)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = datasets.vocab_size
+    elif cfg.model.vocab_size < datasets.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {datasets.vocab_size}: "
+            "set model.vocab_size to null or at least the tokenizer vocabulary"
+        )
+
+    import deepspeed  # deferred: importing it prints accelerator probing noise
+
+    seed_everything(cfg.train.seed)  # identical init on every rank and every TP size
+    model = GPTNeoX(cfg.model)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    inhibitor = _build_inhibitor(cfg, model, layout, gas, device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, dp_size),
+        mpu=DeepSpeedMpu(),
+    )
+
+    out_dir = Path(cfg.train.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    start_step = 0
+    resume_from = find_resume_checkpoint(ckpt_dir) if cfg.train.resume else None
+    if resume_from is not None:
+        client_state = load_checkpoint(engine, resume_from)
+        start_step = int(client_state["step"])
+        if inhibitor is not None and "l2e" in client_state:
+            inhibitor.load_state_dict(client_state["l2e"])
+    is_rank0 = layout.rank == 0
+    logger = MetricsLogger(
+        str(out_dir),
+        enabled=is_rank0,
+        total_steps=cfg.train.train_iters,
+        start_step=start_step,
+        tensorboard=cfg.logging.tensorboard,
+        wandb=cfg.logging.wandb,
+        wandb_project=cfg.logging.wandb_project,
+        wandb_mode=cfg.logging.wandb_mode,
+        progress_bar=cfg.logging.progress_bar,
+        run_config=config_to_dict(cfg),
+    )
+    if is_rank0:
+        n_params = cfg.model.num_parameters(model.padded_vocab_size)
+        print(
+            f"l2e-dist: world={layout.world_size} tp={layout.tp_size} dp={layout.dp_size} "
+            f"zero={cfg.deepspeed.zero_stage} precision={cfg.deepspeed.precision} params={n_params / 1e6:.2f}M "
+            f"gas={gas} l2e={cfg.l2e.method} device={device.type} resume_step={start_step}",
+            flush=True,
+        )
+
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+    flops_per_token = cfg.model.flops_per_token(cfg.train.seq_length, model.padded_vocab_size)
+    peak = _peak_tflops()
+    dp_group = parallel_state.get_data_parallel_group()
+    batches = global_batch_iterator(
+        datasets.train,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        dp_rank=layout.dp_rank,
+        dp_size=layout.dp_size,
+        seed=cfg.train.seed,
+        start_step=start_step,
+    )
+    losses: list[float] = []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    steps_since_log, t_last = 0, time.perf_counter()
+    step = start_step
+    _set_training(engine, inhibitor, True)
+    for step in range(start_step + 1, cfg.train.train_iters + 1):
+        micro_batches = next(batches)
+        for micro in micro_batches:
+            tokens = micro["tokens"].to(device)
+            if inhibitor is not None:
+                inhibitor.set_features(micro["features"][:, :-1].to(device) if cfg.l2e.fkr else None)
+            lm_loss = engine(tokens[:, :-1], tokens[:, 1:]).mean()
+            loss = lm_loss + inhibitor.regularization_loss() if inhibitor is not None else lm_loss
+            engine.backward(loss)
+            engine.step()
+            if inhibitor is not None:
+                inhibitor.finish_micro_batch()
+            loss_sum += lm_loss.detach().double() / gas
+        steps_since_log += 1
+
+        if step % cfg.train.log_interval == 0 or step == cfg.train.train_iters:
+            dist.all_reduce(loss_sum, group=dp_group)
+            mean_loss = (loss_sum / (dp_size * steps_since_log)).item()
+            elapsed = time.perf_counter() - t_last
+            tokens_per_s = tokens_per_step * steps_since_log / elapsed
+            metrics = {
+                "train/loss": mean_loss,
+                "train/lr": engine.get_lr()[0],
+                "train/tokens_per_s": tokens_per_s,
+                "train/step_time_s": elapsed / steps_since_log,
+            }
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            if peak is not None:
+                metrics["train/mfu"] = tokens_per_s * flops_per_token / (peak * 1e12 * layout.world_size)
+            if torch.cuda.is_available():
+                metrics["train/max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if inhibitor is not None:
+                metrics.update(inhibitor.metrics())
+            losses.append(mean_loss)
+            logger.log(step, metrics)
+            if not math.isfinite(mean_loss) and cfg.deepspeed.precision == "fp32":
+                raise FloatingPointError(f"loss is {mean_loss} at step {step} in fp32: lower optimizer.lr")
+            loss_sum.zero_()
+            steps_since_log, t_last = 0, time.perf_counter()
+        logger.advance(1)
+
+        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+            logger.log(step, {"valid/loss": evaluate(engine, inhibitor, datasets.valid, cfg, layout, device)})
+        if cfg.train.save_interval and step % cfg.train.save_interval == 0 and step != cfg.train.train_iters:
+            _save(engine, inhibitor, ckpt_dir, step, cfg)
+
+    if step > start_step:
+        _save(engine, inhibitor, ckpt_dir, step, cfg)
+    final_loss = losses[-1] if losses else float("nan")
+    if is_rank0:
+        print(f"final step {step} final loss {final_loss:.6f}", flush=True)
+    logger.close()
+    return TrainResult(final_step=step, final_loss=final_loss, losses=losses, output_dir=str(out_dir))
+
+
+def _save(engine, inhibitor, ckpt_dir: Path, step: int, cfg: RunConfig) -> None:
+    client_state = {
+        "step": step,
+        "consumed_samples": step * cfg.train.global_batch_size,
+        "config": config_to_dict(cfg),
+    }
+    if inhibitor is not None:
+        client_state["l2e"] = inhibitor.state_dict()
+    save_checkpoint(engine, ckpt_dir, step, client_state, cfg.train.keep_last_n)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job (README): a real 2-process L2E pretraining run of the tiny config on CPU through the
+# `deepspeed` launcher. Builds the bundled corpus on first use; writes runs/tiny (checkpoints, TensorBoard).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export OMP_NUM_THREADS=1
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
+exec deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29561}" --module launcher.pretrain --config configs/tiny.yaml "$@"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install l2e-dist and its pinned dependencies into the current Python (3.11). Idempotent: fast when done.
+# torch is installed first and pinned exactly: on the CPU machines torch==2.13.0 is a local CPU wheel, and
+# any other version (or an unpinned torch pulled in by another package) downloads a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PIP_DISABLE_PIP_VERSION_CHECK=1 DS_BUILD_OPS=0
+if ! "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null; then
+  echo "setup: Python 3.11 is required (megatron-core 0.16 + the CPU torch wheel); found $("$PY" --version)" >&2
+  exit 1
+fi
+if ! "$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
+  "$PY" -m pip install -q torch==2.13.0
+fi
+if ! "$PY" -c 'import l2e_dist, deepspeed, megatron.core, pytest, ruff' 2>/dev/null \
+   || [ pyproject.toml -nt .cache/.installed ]; then
+  "$PY" -m pip install -q -e ".[dev]"
+  mkdir -p .cache && touch .cache/.installed
+fi

@@ -1,0 +1,65 @@
+"""Shared fixtures: one default-corpus cache per test session, small run configs, multi-process runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    """Default corpus built once per session (rank-0 build, shared by every run of the session)."""
+    cache = os.environ.get("L2E_TEST_DATA_CACHE") or str(tmp_path_factory.mktemp("l2e-data"))
+    from l2e_dist.data import prepare_default_corpus
+
+    prepare_default_corpus(cache)
+    return cache
+
+
+def small_run_overrides(output_dir: str | Path, data_cache: str, **extra) -> list[str]:
+    """A few-second run: 2-layer model, short sequences, per-step logging, no eval, no progress bar."""
+    base = {
+        "model.num_layers": 2,
+        "model.hidden_size": 64,
+        "model.num_attention_heads": 4,
+        "model.max_position_embeddings": 32,
+        "train.seq_length": 32,
+        "train.micro_batch_size": 2,
+        "train.global_batch_size": 8,
+        "train.train_iters": 10,
+        "train.log_interval": 1,
+        "train.eval_interval": 0,
+        "train.save_interval": 0,
+        "train.output_dir": str(output_dir),
+        "data.cache_dir": data_cache,
+        "logging.progress_bar": False,
+        "logging.tensorboard": False,
+        "l2e.method": "none",
+        "optimizer.grad_clip": 0.1,  # below the gradient norm: clipping is exercised every step
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def pretrain_losses(overrides: list[str]) -> list[float]:
+    """Entry point for tests.distributed.run_distributed: train with configs/tiny.yaml + overrides."""
+    import torch.distributed as dist
+
+    from l2e_dist.config import load_config
+    from l2e_dist.parallel.state import destroy_process_groups
+    from l2e_dist.training.trainer import pretrain
+
+    dist.init_process_group("gloo")
+    try:
+        return pretrain(load_config([str(ROOT / "configs" / "tiny.yaml")], overrides)).losses
+    finally:
+        destroy_process_groups()
+
+
+sys.path.insert(0, str(ROOT))
