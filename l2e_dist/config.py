@@ -143,7 +143,10 @@ def cross_validate(cfg: RunConfig) -> None:
             f"{cfg.train.seq_length} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}",
         )
     if cfg.l2e.method != "none":
-        cfg.l2e.resolve_layers(cfg.model.num_layers)
+        try:
+            cfg.l2e.resolve_layers(cfg.model.num_layers)
+        except ConfigError as exc:
+            raise ConfigError(f"l2e.{exc.key}", str(exc).split(": ", 1)[-1]) from None
 
 
 def validate_world(cfg: RunConfig, world_size: int) -> int:

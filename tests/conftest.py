@@ -47,8 +47,9 @@ def small_run_overrides(output_dir: str | Path, data_cache: str, **extra) -> lis
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def pretrain_losses(overrides: list[str]) -> list[float]:
-    """Entry point for tests.distributed.run_distributed: train with configs/tiny.yaml + overrides."""
+def pretrain_result(overrides: list[str]):
+    """Entry point for tests.distributed.run_distributed: train with configs/tiny.yaml + overrides and
+    return the TrainResult (losses per logged step, final L2E state, last validation metrics)."""
     import torch.distributed as dist
 
     from l2e_dist.config import load_config
@@ -57,9 +58,13 @@ def pretrain_losses(overrides: list[str]) -> list[float]:
 
     dist.init_process_group("gloo")
     try:
-        return pretrain(load_config([str(ROOT / "configs" / "tiny.yaml")], overrides)).losses
+        return pretrain(load_config([str(ROOT / "configs" / "tiny.yaml")], overrides))
     finally:
         destroy_process_groups()
+
+
+def pretrain_losses(overrides: list[str]) -> list[float]:
+    return pretrain_result(overrides).losses
 
 
 sys.path.insert(0, str(ROOT))

@@ -207,6 +207,10 @@ def test_bad_records_fail_with_location_or_are_skipped_and_counted(pile, tmp_pat
     assert summary["documents"] == 18 and summary["skipped"]["bad_records"] == 2
     assert "bad.jsonl:12: no text field 'text'" in summary["bad_examples"][1]
     assert len(read_documents(str(tmp_path / "skip"))) == 18
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n{"txt": "x"}\n')
+    with pytest.raises(PrepareError, match=r"gave no documents \(1 empty, 1 bad records"):
+        run_prepare(pile, tmp_path / "none", source=SourceSpec(files=[str(empty)]), on_bad_record="skip")
 
 
 def test_cli_errors_are_one_clear_line(pile, tmp_path, capsys):

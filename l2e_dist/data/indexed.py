@@ -110,10 +110,12 @@ def check_index(prefix: str, deep: bool = False) -> IndexInfo:
     lengths = np.frombuffer(index, dtype=np.int32, count=n, offset=HEADER_BYTES)
     pointers = np.frombuffer(index, dtype=np.int64, count=n, offset=HEADER_BYTES + 4 * n)
     documents = np.frombuffer(index, dtype=np.int64, count=d, offset=HEADER_BYTES + 12 * n)
+    if n == 0:
+        raise DataFileError(f"{idx_path} holds no documents: regenerate it from non-empty inputs")
     if d == 0 or documents[0] != 0 or documents[-1] != n:
         raise DataFileError(f"{idx_path}: document index does not span the {n} sequences: regenerate it")
     bin_size = os.path.getsize(bin_path)
-    expected_bin = int(pointers[-1]) + int(lengths[-1]) * itemsize if n else 0
+    expected_bin = int(pointers[-1]) + int(lengths[-1]) * itemsize
     if bin_size != expected_bin:
         raise DataFileError(
             f"{bin_path} has {bin_size} bytes but {idx_path} describes {expected_bin}: the pair is truncated or "

@@ -280,6 +280,12 @@ def _merge(options: PrepareOptions, prefix: str, parts_dir: str, num_chunks: int
     for index in range(num_chunks):
         with open(chunk_prefix(parts_dir, index) + ".json") as stream:
             chunks.append(json.load(stream))
+    total = RecordCounts()
+    for chunk in chunks:
+        total.add(RecordCounts(**chunk["counts"]))
+    if total.documents == 0:
+        raise PrepareError(f"the inputs gave no documents ({total.empty} empty, {total.bad_records} bad records "
+                           f"skipped, e.g. {total.bad_examples[:1]}): check the files and --text-field")
     tmp = f"{prefix}.tmp-{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
     for index in range(num_chunks):
@@ -287,9 +293,6 @@ def _merge(options: PrepareOptions, prefix: str, parts_dir: str, num_chunks: int
     builder.finalize(tmp + ".idx")
     os.replace(tmp + ".bin", prefix + ".bin")
     os.replace(tmp + ".idx", prefix + ".idx")
-    total = RecordCounts()
-    for chunk in chunks:
-        total.add(RecordCounts(**chunk["counts"]))
     label_counts: dict[str, int] = {}
     if options.label_field:
         all_labels = [label for chunk in chunks for label in chunk["labels"]]
@@ -389,7 +392,7 @@ def verify_prepared(prefix: str) -> dict:
         raise DataFileError(f"{prefix}: expected one non-empty sequence per document: regenerate it")
     tokens = np.memmap(prefix + ".bin", mode="r", dtype=info.dtype)
     eod, vocab_size = meta["tokenizer"]["eod_id"], meta["tokenizer"]["vocab_size"]
-    if n and not (tokens[pointers // itemsize + lengths - 1] == eod).all():
+    if not (tokens[pointers // itemsize + lengths - 1] == eod).all():
         raise DataFileError(f"{prefix}: a document does not end with the end-of-document token {eod}")
     position = 0
     for number, chunk in enumerate(meta["chunks"]):

@@ -45,7 +45,10 @@ class L2EConfig:
     threshold_lr: float = 5.0
     rd_strength: float = 1.0
     fkr: bool = False
-    num_features: int = 0
+    num_features: int = 0  # 0: the number of feature labels of the data (the trainer fills it in)
+    # Held-out check reported at validation: fraction of (token, neuron) pairs of the inhibited layers whose score
+    # (with the run's own statistics) is >= this FIXED value, comparable across runs (L2E on/off).
+    eval_reference_score: float = 10.0
 
     @property
     def enabled(self) -> bool:
@@ -83,8 +86,8 @@ class L2EConfig:
             raise ConfigError("rd_strength", f"must be > 0, got {self.rd_strength}")
         if self.num_features < 0:
             raise ConfigError("num_features", f"must be >= 0, got {self.num_features}")
-        if self.fkr and self.num_features <= 0:
-            raise ConfigError("num_features", "fkr: true needs num_features > 0 (the number of feature labels)")
+        if self.eval_reference_score <= 0:
+            raise ConfigError("eval_reference_score", f"must be > 0, got {self.eval_reference_score}")
         self._validate_layers()
 
     def _validate_layers(self) -> None:

@@ -30,3 +30,28 @@ def attach(inhibitor: L2EInhibitor, probes: dict[int, torch.nn.Module]) -> list[
         raise ValueError(f"no activation probe for inhibited layers {missing} (probes exist for {sorted(probes)})")
     return [probes[lid].register_forward_hook(partial(_inhibit_output, inhibitor, lid))
             for lid in inhibitor.layer_ids]
+
+
+class ScoreMeter:
+    """Counts, per inhibited layer, the (token, neuron) pairs whose score is >= a fixed reference value during
+    forwards that run while it is attached (e.g. a validation pass in eval mode). Counts stay on device; sum them
+    over the data- and tensor-parallel ranks before dividing."""
+
+    def __init__(self, inhibitor: L2EInhibitor, probes: dict[int, torch.nn.Module], reference: float):
+        self.inhibitor = inhibitor
+        self.reference = reference
+        self.layer_ids = list(inhibitor.layer_ids)
+        self.counts = torch.zeros(len(self.layer_ids), 2, dtype=torch.float64, device=inhibitor.device)
+        self._handles = [probes[lid].register_forward_hook(partial(self._observe, row))
+                         for row, lid in enumerate(self.layer_ids)]
+
+    def _observe(self, row: int, module: torch.nn.Module, inputs, output) -> None:
+        phi = self.inhibitor.scores(self.layer_ids[row], output)
+        if phi is not None:
+            self.counts[row, 0] += (phi >= self.reference).sum()
+            self.counts[row, 1] += phi.numel()
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -199,6 +199,8 @@ class L2EInhibitor:
         self.device = torch.device(device)
         self.training = True
         self.collective_count = 0  # collectives issued by this engine (one all_reduce per micro-batch for l2e)
+        if cfg.enabled and cfg.fkr and cfg.num_features <= 0:
+            raise ValueError("l2e.fkr needs num_features > 0 (the number of feature labels of the data)")
         self._num_features = cfg.num_features if cfg.fkr else 0
         self._layers = {lid: self._fresh_state() for lid in self.layer_ids}
         self._metric_acc = torch.zeros(len(self.layer_ids), _NUM_METRICS, dtype=torch.float64, device=self.device)
@@ -269,6 +271,16 @@ class L2EInhibitor:
         with torch.no_grad():
             ev = self._evaluate(st, z.reshape(-1, self.local_width), scoring=True, selecting=True)
         return ev.selected.reshape(z.shape)
+
+    def scores(self, layer_id: int, z: Tensor) -> Tensor | None:
+        """Monosemanticity scores phi of this rank's slice `z` with the current statistics (z's shape, fp32 or
+        fp64); None before any statistics exist. Records nothing: for held-out measurements and analysis."""
+        st = self._layers[layer_id]
+        if st.n_merged == 0:
+            return None
+        with torch.no_grad():
+            ev = self._evaluate(st, z.reshape(-1, self.local_width), scoring=True, selecting=False)
+        return ev.phi.reshape(z.shape)
 
     def regularization_loss(self) -> Tensor:
         """Differentiable scalar to add to this micro-batch's loss (zero when nothing is selected)."""

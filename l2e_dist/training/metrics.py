@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
         if console:
-            line = " | ".join(_fmt(k, v) for k, v in metrics.items() if "/layer" not in k)
+            line = _console_line(metrics)
             if self._bar is not None:
                 self._bar.write(f"step {step}: {line}")
             else:
@@ -91,9 +92,27 @@ class MetricsLogger:
             self._jsonl.close()
 
 
+_LAYER_KEY = re.compile(r"^(?P<prefix>.*?)l2e/layer(?P<layer>\d+)/(?P<name>\w+)$")
+_ABBREV = {"threshold": "thr", "selected_frac": "sel", "mean_score": "score", "frac_above_ref": "above_ref"}
+
+
+def _console_line(metrics: dict[str, Any]) -> str:
+    """`loss 6.1 | lr 0.001 | ... | L1[thr 5.2 sel 0.02 reg 0.003] L2[...]`: per-layer L2E figures grouped."""
+    plain, layers = [], {}
+    for key, value in metrics.items():
+        match = _LAYER_KEY.match(key)
+        if match is None:
+            plain.append(_fmt(key, value))
+        else:
+            tag = f"{match['prefix']}L{match['layer']}"
+            layers.setdefault(tag, []).append(f"{_ABBREV.get(match['name'], match['name'])} {_short(value)}")
+    groups = [f"{tag}[{' '.join(items)}]" for tag, items in layers.items()]
+    return " | ".join(plain + ([" ".join(groups)] if groups else []))
+
+
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _fmt(key: str, value: Any) -> str:
-    return f"{key.split('/')[-1]} {_short(value)}"
+    return f"{key.removeprefix('train/')} {_short(value)}"

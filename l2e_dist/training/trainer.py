@@ -20,6 +20,7 @@ from megatron.core import parallel_state
 from l2e_dist.checkpoint.io import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from l2e_dist.config import RunConfig, config_to_dict, validate_world
 from l2e_dist.data import build_datasets, global_batch_iterator, prepare_default_corpus
+from l2e_dist.l2e.hooks import ScoreMeter
 from l2e_dist.l2e.hooks import attach as attach_l2e
 from l2e_dist.l2e.inhibitor import L2EInhibitor
 from l2e_dist.model.gpt_neox import GPTNeoX
@@ -43,6 +44,8 @@ class TrainResult:
     final_loss: float
     losses: list[float]
     output_dir: str
+    l2e_state: dict | None = None  # the inhibitor's final statistics and thresholds (identical on every rank)
+    valid_metrics: dict[str, float] | None = None  # the last validation pass
 
 
 def seed_everything(seed: int) -> None:
@@ -102,9 +105,16 @@ def _set_training(engine, inhibitor: L2EInhibitor | None, training: bool) -> Non
 
 
 @torch.no_grad()
-def evaluate(engine, inhibitor, valid_set, cfg: RunConfig, layout: ParallelLayout, device) -> float:
-    """Mean validation LM loss over `eval_iters` global batches (always the same batches)."""
+def evaluate(
+    engine, model: GPTNeoX, inhibitor, valid_set, cfg: RunConfig, layout: ParallelLayout, device
+) -> dict[str, float]:
+    """Validation LM loss over `eval_iters` global batches (always the same batches) and, with L2E, the
+    held-out fraction of (token, neuron) pairs of each inhibited layer scoring >= l2e.eval_reference_score."""
     _set_training(engine, inhibitor, False)
+    meter = None
+    if inhibitor is not None:
+        probes = model.mlp_probes(cfg.l2e.activation)
+        meter = ScoreMeter(inhibitor, probes, cfg.l2e.eval_reference_score)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     batches = global_batch_iterator(
         valid_set,
@@ -121,8 +131,16 @@ def evaluate(engine, inhibitor, valid_set, cfg: RunConfig, layout: ParallelLayou
             total[0] += losses.double().sum()
             total[1] += losses.numel()
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    metrics = {"valid/loss": (total[0] / total[1].clamp(min=1)).item()}
+    if meter is not None:
+        meter.detach()
+        if layout.world_size > 1:
+            dist.all_reduce(meter.counts, group=tensor_and_data_parallel_group())
+        for (above, seen), layer in zip(meter.counts.tolist(), meter.layer_ids):
+            if seen:
+                metrics[f"valid/l2e/layer{layer}/frac_above_ref"] = above / seen
     _set_training(engine, inhibitor, True)
-    return (total[0] / total[1].clamp(min=1)).item()
+    return metrics
 
 
 def pretrain(cfg: RunConfig) -> TrainResult:
@@ -133,6 +151,10 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     seed_everything(cfg.train.seed)
 
     datasets = _prepare_data(cfg, layout)
+    if cfg.l2e.fkr and cfg.l2e.num_features == 0:
+        if not datasets.feature_names:
+            raise ValueError("l2e.fkr needs feature labels, but the data has no label sidecar: set l2e.fkr=false")
+        cfg.l2e.num_features = len(datasets.feature_names)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = datasets.vocab_size
     elif cfg.model.vocab_size < datasets.vocab_size:
@@ -202,6 +224,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         start_step=start_step,
     )
     losses: list[float] = []
+    valid_metrics: dict[str, float] | None = None
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     steps_since_log, t_last = 0, time.perf_counter()
     step = start_step
@@ -249,8 +272,9 @@ def pretrain(cfg: RunConfig) -> TrainResult:
             steps_since_log, t_last = 0, time.perf_counter()
         logger.advance(1)
 
-        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
-            logger.log(step, {"valid/loss": evaluate(engine, inhibitor, datasets.valid, cfg, layout, device)})
+        if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.train_iters):
+            valid_metrics = evaluate(engine, model, inhibitor, datasets.valid, cfg, layout, device)
+            logger.log(step, valid_metrics)
         if cfg.train.save_interval and step % cfg.train.save_interval == 0 and step != cfg.train.train_iters:
             _save(engine, inhibitor, ckpt_dir, step, cfg)
 
@@ -260,7 +284,14 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     if is_rank0:
         print(f"final step {step} final loss {final_loss:.6f}", flush=True)
     logger.close()
-    return TrainResult(final_step=step, final_loss=final_loss, losses=losses, output_dir=str(out_dir))
+    return TrainResult(
+        final_step=step,
+        final_loss=final_loss,
+        losses=losses,
+        output_dir=str(out_dir),
+        l2e_state=inhibitor.state_dict() if inhibitor is not None else None,
+        valid_metrics=valid_metrics,
+    )
 
 
 def _save(engine, inhibitor, ckpt_dir: Path, step: int, cfg: RunConfig) -> None:
