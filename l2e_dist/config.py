@@ -86,6 +86,7 @@ class TrainConfig:
     keep_last_n: int = 3  # checkpoints kept on disk (0 keeps all)
     output_dir: str = "runs/default"
     resume: bool = True  # continue from output_dir/checkpoints/latest when present
+    init_from: str | None = None  # weights of a checkpoint / HF dir / l2e-convert from-hf output; fresh optimizer
 
     def validate(self) -> None:
         for key in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters", "log_interval"):
@@ -108,6 +109,11 @@ class LoggingConfig:
     wandb_project: str = "l2e-dist"
     wandb_mode: Literal["online", "offline"] = "offline"
     progress_bar: bool = True
+    histogram_size: int = 65536  # held-out L2E scores per layer kept for the TensorBoard histogram at each eval
+
+    def validate(self) -> None:
+        if self.histogram_size < 0:
+            raise ConfigError("histogram_size", "must be >= 0 (0 disables score histograms)")
 
 
 @dataclass

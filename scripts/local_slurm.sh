@@ -7,7 +7,7 @@
 #   scripts/local_slurm.sh status   exit 0 when controller and both nodes answer and are usable
 #
 # Exit codes: 0 ok, 1 failed, 2 usage, 3 (status) not running, 4 this machine cannot host it (not root,
-# packages cannot be installed).
+# packages cannot be installed, no UTS namespaces).
 #
 # Idempotent; needs root; no systemd (daemons are started by hand). Debian/Ubuntu packages:
 # slurm-wlm munge libpmix-dev (not just libpmix2, else `srun --mpi=pmix` fails) openmpi-bin.
@@ -24,7 +24,8 @@
 #   `sbatch --wait` in `timeout`;
 # - JobRequeue=0 like many production clusters: only jobs submitted with --requeue are requeued.
 #
-# Environment: L2E_SLURM_DIR (state, logs, spool; default /tmp/l2e-slurm), L2E_SLURM_CPUS.
+# Environment: L2E_SLURM_DIR (state, logs, spool; default /tmp/l2e-slurm), L2E_SLURM_CPUS. To apply a
+# changed setting to a running cluster: stop, then start.
 set -euo pipefail
 
 STATE_DIR=${L2E_SLURM_DIR:-/tmp/l2e-slurm}
@@ -173,6 +174,8 @@ stop_pidfile() {
 cmd_start() {
     [[ $(id -u) -eq 0 ]] || cannot "must run as root (installs packages, writes /etc/slurm and /etc/hosts)"
     install_packages
+    unshare --uts true 2>/dev/null ||
+        cannot "unshare --uts is not permitted here (needs CAP_SYS_ADMIN, e.g. docker run --privileged)"
     write_config
     add_hosts_entries
     start_munge

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=None)
     parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds per step, to leave time to signal")
     parser.add_argument("--check-every", type=int, default=2)
-    parser.add_argument("--dist-timeout-s", type=float, default=60.0)
+    parser.add_argument("--dist-timeout-s", type=float, default=300.0)
     parser.add_argument("--watchdog-s", type=float, default=0.0, help="0: no watchdog")
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--fail-step", type=int, default=-1)

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from launcher.pretrain import main
 from l2e_dist.config import load_config, validate_world
 from l2e_dist.config_utils import ConfigError
+from launcher.pretrain import main
 from tests.conftest import ROOT
 
 TINY = str(ROOT / "configs" / "tiny.yaml")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import pickle
 import subprocess
 import sys
 import sysconfig
@@ -11,6 +12,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from l2e_dist.config_utils import ConfigError, build
 from l2e_dist.data import DataConfig, DataFileError, build_datasets, global_batch_iterator
@@ -59,6 +61,8 @@ def test_packing_split_and_labels_match_a_reference(tmp_path):
     data = build_datasets(cfg, seq_length=seq, seed=7)
     assert data.feature_names == ["alpha", "beta", "gamma"] and data.vocab_size == 1000 and data.eod_id == EOD
     doc_label = {tuple(d): ["alpha", "beta", "gamma"].index(x) for d, x in zip(docs, labels)}
+    clone = pickle.loads(pickle.dumps(data.train))  # DataLoader workers get the dataset pickled
+    assert all(torch.equal(clone[i]["tokens"], data.train[i]["tokens"]) for i in range(len(data.train)))
     bounds = {"train": (0, 160), "valid": (160, 180), "test": (180, 200)}  # Megatron rounding of 8:1:1
     for name, (lo, hi) in bounds.items():
         split = getattr(data, name)
@@ -122,6 +126,8 @@ def test_blending_follows_weights_and_spreads_evenly(tmp_path):
     for start in range(0, n - window, window):  # spread evenly, not in blocks
         assert abs(source[start : start + window].sum() - window / 2) <= 1
     # up-weighted `small` repeats its samples in order; without weights each sample appears once
+    clone = pickle.loads(pickle.dumps(data.train))
+    assert all(torch.equal(clone[i]["tokens"], data.train[i]["tokens"]) for i in range(n))
     small_part = data.train.parts[0]
     from_small = [data.train[i]["tokens"] for i in range(n) if source[i] == 0]
     for j, tokens in enumerate(from_small):

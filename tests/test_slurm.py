@@ -8,7 +8,6 @@ Skipped only when this machine cannot host Slurm at all (not root, packages not 
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import time
 from datetime import datetime
@@ -89,39 +88,40 @@ def ranks_seen(text: str) -> set[tuple[str, ...]]:
     return set(re.findall(r"probe: rank (\d+)/(\d+) local (\d+)/(\d+) host (\S+) master (\S+) via (\w+)", text))
 
 
+class ReferenceRun:
+    """`timeout ... sbatch --wait slurm/pretrain.sbatch ...` exactly as a user runs it, in the background so
+    the requeue test's job runs meanwhile; `log()` waits for it. Its final loss is the uninterrupted one."""
+
+    def __init__(self, out: Path):
+        self.log_path = out / "job.log"
+        cmd = sbatch_args("pretrain.sbatch", self.log_path, nodes=2, tasks_per_node=2)
+        self.proc = subprocess.Popen(
+            ["timeout", "300", cmd[0], "--wait", *cmd[1:], *PROBE, "--output-dir", str(out / "run")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+
+    def log(self) -> str:
+        if self.proc.returncode is None:
+            self.output, _ = self.proc.communicate()
+        text = self.log_path.read_text() if self.log_path.exists() else ""
+        assert self.proc.returncode == 0, self.output + text
+        return text
+
+
 @pytest.fixture(scope="module")
-def reference_run(slurm, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """`sbatch --wait slurm/pretrain.sbatch` exactly as a user runs it; its log is the uninterrupted reference."""
-    out = tmp_path_factory.mktemp("srun")
-    cmd = sbatch_args("pretrain.sbatch", out / "job.log", nodes=2, tasks_per_node=2)
-    done = subprocess.run(
-        ["timeout", "240", cmd[0], "--wait", *cmd[1:], *PROBE, "--output-dir", str(out / "run")],
-        capture_output=True, text=True,
-    )
-    log = (out / "job.log").read_text()
-    assert done.returncode == 0, done.stderr + log
-    return log
+def reference_run(slurm, tmp_path_factory: pytest.TempPathFactory) -> ReferenceRun:
+    return ReferenceRun(tmp_path_factory.mktemp("srun"))
 
 
-def test_srun_script_trains_across_two_nodes(reference_run: str) -> None:
-    master = re.search(r"master (n1:\d+)", reference_run).group(1)
-    assert ranks_seen(reference_run) == {
-        ("0", "4", "0", "2", "n1", master, "slurm"),
-        ("1", "4", "1", "2", "n1", master, "slurm"),
-        ("2", "4", "0", "2", "n2", master, "slurm"),
-        ("3", "4", "1", "2", "n2", master, "slurm"),
-    }
-    assert "probe: world_size 4 allreduce sum 6" in reference_run
-    assert float(final_loss(reference_run)) > 0
-
-
-def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(reference_run: str, tmp_path: Path) -> None:
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(
+    reference_run: ReferenceRun, tmp_path: Path
+) -> None:
     log, run = tmp_path / "job.log", tmp_path / "run"
     cmd = sbatch_args("pretrain.sbatch", log, nodes=2, tasks_per_node=2)
     job = submit([*cmd, *PROBE, "--step-sleep", "0.5", "--output-dir", str(run)])
-    wait_for_line(log, r"probe: step 4 loss", timeout_s=120)
+    wait_for_line(log, r"probe: step 4 loss", timeout_s=180)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
-    fields = wait_job(job, timeout_s=180)
+    fields = wait_job(job, timeout_s=240)
     text = log.read_text()
     assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), text
     stopped = int(re.search(r"probe: stopped at step (\d+) on SIGUSR1; requeued=True", text).group(1))
@@ -130,13 +130,64 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(reference_run: s
         f"rank_{r}.pt" for r in range(4)
     ]
     assert text.count(f"resumed from step_{stopped}") == 4 and "restart 1" in text
-    assert final_loss(text) == final_loss(reference_run)
+    assert final_loss(text) == final_loss(reference_run.log())
 
 
-def test_deepspeed_launcher_script_runs_without_ssh(slurm, tmp_path: Path) -> None:
-    log = tmp_path / "job.log"
-    job = submit([*sbatch_args("pretrain_deepspeed.sbatch", log, nodes=2, tasks_per_node=1),
-                  "--steps", "3", "--output-dir", str(tmp_path / "run")])
+def test_srun_script_trains_across_two_nodes(reference_run: ReferenceRun) -> None:
+    text = reference_run.log()
+    master = re.search(r"master (n1:\d+)", text).group(1)
+    assert ranks_seen(text) == {
+        ("0", "4", "0", "2", "n1", master, "slurm"),
+        ("1", "4", "1", "2", "n1", master, "slurm"),
+        ("2", "4", "0", "2", "n2", master, "slurm"),
+        ("3", "4", "1", "2", "n2", master, "slurm"),
+    }
+    assert "probe: world_size 4 allreduce sum 6" in text
+    assert float(final_loss(text)) > 0
+
+
+@pytest.fixture(scope="module")
+def launcher_jobs(slurm, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, Path]]:
+    """The DeepSpeed-launcher and mpirun jobs, submitted together so they run side by side."""
+    ds, ds_usr1, mpi = (tmp_path_factory.mktemp(name) for name in ("deepspeed", "deepspeed-usr1", "mpirun"))
+    ds_job = submit([*sbatch_args("pretrain_deepspeed.sbatch", ds / "job.log", nodes=2, tasks_per_node=1),
+                     "--steps", "3", "--output-dir", str(ds / "run")])
+    # Submitted without --requeue: the preempted run must checkpoint, say so, and fail (rank 0 exits 75).
+    cmd = sbatch_args("pretrain_deepspeed.sbatch", ds_usr1 / "job.log", nodes=2, tasks_per_node=1)
+    ds_usr1_job = submit([cmd[0], "--no-requeue", *cmd[1:], "--steps", "30", "--step-sleep", "0.5",
+                          *PROBE[:2], "--output-dir", str(ds_usr1 / "run")])
+    # mpirun starts its daemons with srun (one per node), so SLURM_PROCID there is a node index: rank
+    # discovery must take mpi4py's ranks instead.
+    probe = f"python -m tests.dist_probe --steps 3 --output-dir {mpi / 'run'}"
+    mpi_job = submit([
+        "sbatch", "--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
+        f"--output={mpi / 'job.log'}", f"--chdir={REPO}", f"--export=ALL,OMP_NUM_THREADS=1,PYTHONPATH={REPO}",
+        f"--wrap=mpirun --allow-run-as-root {probe}",
+    ])
+    return {
+        "deepspeed": (ds_job, ds / "job.log"),
+        "deepspeed-usr1": (ds_usr1_job, ds_usr1 / "job.log"),
+        "mpirun": (mpi_job, mpi / "job.log"),
+    }
+
+
+def test_usr1_reaches_ranks_through_the_deepspeed_launcher(launcher_jobs: dict[str, tuple[str, Path]]) -> None:
+    job, log = launcher_jobs["deepspeed-usr1"]
+    wait_for_line(log, r"probe: step 2 loss", timeout_s=180)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    fields = wait_job(job, timeout_s=180)
+    text = log.read_text()
+    assert (fields["JobState"], fields["Restarts"]) == ("FAILED", "0") and fields["ExitCode"] != "0:0", text
+    stopped = int(re.search(r"probe: stopped at step (\d+) on SIGUSR1; requeued=False", text).group(1))
+    assert "is not requeueable (submit with --requeue)" in text
+    assert "User defined signal" not in text  # the launchers survived the signal
+    run = log.parent / "run" / "checkpoints"
+    assert sorted(p.name for p in (run / f"step_{stopped}").iterdir()) == ["rank_0.pt", "rank_1.pt"]
+    assert (run / "latest").read_text() == f"step_{stopped}"
+
+
+def test_deepspeed_launcher_script_runs_without_ssh(launcher_jobs: dict[str, tuple[str, Path]]) -> None:
+    job, log = launcher_jobs["deepspeed"]
     fields = wait_job(job, timeout_s=240)
     text = log.read_text()
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), text
@@ -145,18 +196,9 @@ def test_deepspeed_launcher_script_runs_without_ssh(slurm, tmp_path: Path) -> No
     final_loss(text)
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (openmpi-bin) not installed")
-def test_mpirun_inside_an_allocation(slurm, tmp_path: Path) -> None:
-    # mpirun starts its daemons with srun (one per node), so SLURM_PROCID there is a node index: rank
-    # discovery must take mpi4py's ranks instead.
-    log = tmp_path / "job.log"
-    probe = f"python -m tests.dist_probe --steps 3 --output-dir {tmp_path / 'run'}"
-    job = submit([
-        "sbatch", "--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10", f"--output={log}",
-        f"--chdir={REPO}", f"--export=ALL,OMP_NUM_THREADS=1,PYTHONPATH={REPO}",
-        f"--wrap=mpirun --allow-run-as-root {probe}",
-    ])
-    fields = wait_job(job, timeout_s=180)
+def test_mpirun_inside_an_allocation(launcher_jobs: dict[str, tuple[str, Path]]) -> None:
+    job, log = launcher_jobs["mpirun"]
+    fields = wait_job(job, timeout_s=240)
     text = log.read_text()
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), text
     seen = {(r[0], r[1], r[2], r[4], r[6]) for r in ranks_seen(text)}
@@ -165,15 +207,26 @@ def test_mpirun_inside_an_allocation(slurm, tmp_path: Path) -> None:
     final_loss(text)
 
 
+@pytest.fixture(scope="module")
+def failure_jobs(slurm, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, Path]]:
+    """One job per failure mode, submitted together: rank 1 is SIGKILLed, or frozen with SIGSTOP."""
+    jobs = {}
+    for how in ("kill", "stop"):
+        out = tmp_path_factory.mktemp(f"fail-{how}")
+        jobs[how] = (submit([
+            *sbatch_args("pretrain.sbatch", out / "job.log", nodes=2, tasks_per_node=1), "--steps", "200",
+            "--step-sleep", "0.05", "--watchdog-s", str(WATCHDOG_S), "--fail-rank", "1", "--fail-step", "3",
+            "--fail-how", how, "--output-dir", str(out / "run"),
+        ]), out / "job.log")
+    return jobs
+
+
 @pytest.mark.parametrize("how", ["kill", "stop"])
-def test_failed_rank_ends_the_job_nonzero_within_bound(slurm, tmp_path: Path, how: str) -> None:
-    log = tmp_path / "job.log"
-    job = submit([
-        *sbatch_args("pretrain.sbatch", log, nodes=2, tasks_per_node=1), "--steps", "200", "--step-sleep", "0.05",
-        "--watchdog-s", str(WATCHDOG_S), "--fail-rank", "1", "--fail-step", "3", "--fail-how", how,
-        "--output-dir", str(tmp_path / "run"),
-    ])
-    fields = wait_job(job, timeout_s=180)
+def test_failed_rank_ends_the_job_nonzero_within_bound(
+    failure_jobs: dict[str, tuple[str, Path]], how: str
+) -> None:
+    job, log = failure_jobs[how]
+    fields = wait_job(job, timeout_s=240)
     text = log.read_text()
     assert fields["JobState"] == "FAILED" and fields["ExitCode"] != "0:0", text
     failed_at = float(re.search(r"rank 1 failing \(\w+\) at step 3 time ([\d.]+)", text).group(1))

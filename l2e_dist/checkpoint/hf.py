@@ -67,6 +67,16 @@ def hf_config(cfg: ModelConfig, padded_vocab_size: int, eos_token_id: int | None
     )
 
 
+def hf_config_dict(cfg: ModelConfig, padded_vocab_size: int, eos_token_id: int | None = None) -> dict:
+    """config.json content: transformers 5's fields plus the legacy rotary keys transformers 4 reads (it would
+    silently fall back to rotary_pct=0.25 without them)."""
+    config = hf_config(cfg, padded_vocab_size, eos_token_id).to_dict()
+    config.update(
+        architectures=["GPTNeoXForCausalLM"], rotary_pct=cfg.rotary_pct, rotary_emb_base=cfg.rotary_base
+    )
+    return config
+
+
 def model_config_from_hf(hf_cfg) -> ModelConfig:
     """Our ModelConfig from a `GPTNeoXConfig` (vocab_size = HF's, which is already padded for Pythia)."""
     rope = getattr(hf_cfg, "rope_parameters", None) or {}

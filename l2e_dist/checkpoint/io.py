@@ -1,11 +1,28 @@
-"""Atomic, verified training checkpoints on top of DeepSpeed's (ZeRO-sharded) checkpoint files.
+"""Atomic, verified training checkpoints on top of DeepSpeed's (ZeRO-sharded) checkpoint files, and resume.
 
 Layout under `<output_dir>/checkpoints/`:
     global_step<N>/          DeepSpeed files + rank_state_<r>.pt (RNG) + manifest.json (file sizes)
     latest                   text file naming the newest complete tag, written last
 
-A checkpoint is written into `.tmp-global_step<N>/`, verified complete on every rank, renamed, and only then
-`latest` is replaced: a crash at any point leaves the previous checkpoint and pointer intact.
+A checkpoint is written into `.tmp-global_step<N>/`, fsynced, given a manifest, renamed, and only then `latest`
+is replaced: a crash at any point leaves the previous checkpoint and pointer intact. Older checkpoints beyond
+`keep_last_n` are deleted after that.
+
+What a checkpoint holds: model weights and AdamW state (DeepSpeed's ZeRO shards), LR scheduler, engine counters,
+and the client state: step, consumed_samples (the data position: the sampler is a pure function of seed and
+step), the resolved run config, the L2E state (full width, identical on all ranks), the optimizer's parameter
+names (stage 0 stores them by index only); plus every rank's RNG states.
+
+Resume (`resume`): rank 0 picks the newest checkpoint that verifies (every manifest file present with its size,
+every .pt file loadable with torch.load(weights_only=True)), falling back to older ones with a warning. Same
+layout (TP, DP, ZeRO stage, precision, padded vocab): DeepSpeed's native load, bit-exact, RNG states restored.
+Another layout: l2e_dist.checkpoint.reshard, RNG re-seeded from (seed, step, rank).
+
+Unpickling: DeepSpeed's own loader calls torch.load(weights_only=False) on every file (deepspeed 0.19.8,
+TorchCheckpointEngine.load), i.e. it would run code embedded in a crafted file. We therefore load every .pt file
+of the chosen checkpoint with weights_only=True first (ds_files.safe_load; DeepSpeed's four record types are
+allowlisted as inert stand-ins) and refuse the checkpoint if any file needs another global; only then does
+DeepSpeed's loader see the files, and the pickle opcodes it executes are the ones already validated.
 """
 
 from __future__ import annotations
@@ -24,18 +41,27 @@ import torch
 import torch.distributed as dist
 
 _TAG = re.compile(r"^global_step(\d+)$")
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """No usable checkpoint, or one that cannot continue this run; the message says what to change."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def rng_state() -> dict[str, Any]:
@@ -62,23 +88,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_manifest(ckpt: Path) -> None:
-    files = {
-        str(p.relative_to(ckpt)): p.stat().st_size
-        for p in sorted(ckpt.rglob("*"))
-        if p.is_file() and p.name != "manifest.json"
-    }
-    _atomic_write_text(ckpt / "manifest.json", json.dumps({"files": files}, indent=1))
+def reseed_for_resume(seed: int, step: int, rank: int) -> None:
+    """RNG streams for a resume on another layout (saved per-rank streams no longer map onto the ranks)."""
+    derived = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(derived)
 
 
-def verify_checkpoint(ckpt: Path) -> str | None:
-    """None when every file in the manifest exists with its recorded size, else what is wrong."""
-    manifest = ckpt / "manifest.json"
+def write_manifest(ckpt: Path) -> None:
+    """Record every file's size (fsynced first) so a missing or truncated shard is detected on load."""
+    files = {}
+    for path in sorted(ckpt.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            _fsync(path)
+            files[str(path.relative_to(ckpt))] = path.stat().st_size
+    _atomic_write_text(ckpt / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(ckpt: Path, deep: bool = False) -> str | None:
+    """None when every file in the manifest exists with its recorded size (and, `deep`, every .pt file loads
+    with weights_only=True), else what is wrong."""
+    manifest = ckpt / MANIFEST
     if not manifest.is_file():
         return f"{manifest} is missing (incomplete checkpoint)"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         return f"{manifest} is unreadable: {exc}"
     for rel, size in files.items():
         path = ckpt / rel
@@ -86,6 +124,15 @@ def verify_checkpoint(ckpt: Path) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != size:
             return f"{path} has {path.stat().st_size} bytes, expected {size} (truncated or corrupt)"
+    if deep:
+        from l2e_dist.checkpoint.ds_files import CheckpointFormatError, safe_load
+
+        for rel in files:
+            if rel.endswith(".pt"):
+                try:
+                    safe_load(ckpt / rel)
+                except CheckpointFormatError as exc:
+                    return str(exc)
     return None
 
 
@@ -99,14 +146,14 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_resume_checkpoint(ckpt_dir: Path) -> Path | None:
+def find_resume_checkpoint(ckpt_dir: Path, deep: bool = False) -> Path | None:
     """The checkpoint to resume from: the one `latest` names if it verifies, else the newest one that does
-    (with a warning). Raises if checkpoints exist but none is intact."""
+    (with a warning). None when there is no checkpoint at all; raises if checkpoints exist but none is intact."""
     candidates = list_checkpoints(ckpt_dir)
     latest_file = ckpt_dir / "latest"
     preferred = None
     if latest_file.is_file():
-        name = latest_file.read_text().strip()
+        name = latest_file.read_text(errors="replace").strip()
         preferred = ckpt_dir / name if _TAG.match(name) else None
         if preferred is None:
             warnings.warn(
@@ -117,7 +164,7 @@ def find_resume_checkpoint(ckpt_dir: Path) -> Path | None:
         p for _, p in reversed(candidates) if p != preferred
     ]
     for path in order:
-        problem = verify_checkpoint(path) if path.is_dir() else f"{path} does not exist"
+        problem = verify_checkpoint(path, deep) if path.is_dir() else f"{path} does not exist"
         if problem is None:
             if preferred is not None and path != preferred:
                 warnings.warn(
@@ -133,11 +180,23 @@ def find_resume_checkpoint(ckpt_dir: Path) -> Path | None:
     return None
 
 
+def _optimizer_param_names(engine) -> list[list[str]] | None:
+    """Names of the optimizer's parameters, group by group, when it holds module parameters (stage 0)."""
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    groups = getattr(engine.optimizer, "param_groups", None) or []
+    if not groups or any(id(p) not in names for g in groups for p in g["params"]):
+        return None
+    return [[names[id(p)] for p in g["params"]] for g in groups]
+
+
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last_n: int) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
     rank = dist.get_rank()
     tag = f"global_step{step}"
     tmp, final = ckpt_dir / f".tmp-{tag}", ckpt_dir / tag
+    param_names = _optimizer_param_names(engine)
+    if param_names is not None:
+        client_state = {**client_state, "optimizer_param_names": param_names}
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
@@ -146,10 +205,11 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
     torch.save(rng_state(), tmp / f"rank_state_{rank}.pt")
     dist.barrier()
     if rank == 0:
-        _write_manifest(tmp)
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(ckpt_dir)
         _atomic_write_text(ckpt_dir / "latest", tag)
         if keep_last_n > 0:
             for _, old in list_checkpoints(ckpt_dir)[:-keep_last_n]:
@@ -159,7 +219,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
 
 
 def load_checkpoint(engine, ckpt: Path) -> dict:
-    """Load model/optimizer/scheduler into the DeepSpeed engine; restore this rank's RNG; return client state."""
+    """DeepSpeed's native load (same layout only) of a checkpoint that passed verify_checkpoint(deep=True):
+    model/optimizer/scheduler into the engine, this rank's RNG; returns the client state."""
     path, client_state = engine.load_checkpoint(
         str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
@@ -169,3 +230,108 @@ def load_checkpoint(engine, ckpt: Path) -> dict:
     if rank_file.is_file():
         set_rng_state(torch.load(rank_file, weights_only=True))
     return client_state or {}
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def _from_rank0(value: Any) -> Any:
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_layout(engine) -> dict[str, Any]:
+    """What must match for DeepSpeed's native load: TP, DP, ZeRO stage, precision, padded vocab."""
+    from megatron.core import parallel_state
+
+    precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+    return {
+        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+        "data_parallel": parallel_state.get_data_parallel_world_size(),
+        "zero_stage": int(engine.zero_optimization_stage()),
+        "precision": precision,
+        "padded_vocab_size": int(engine.module.padded_vocab_size),
+    }
+
+
+def checkpoint_layout(source) -> dict[str, Any]:
+    """The same record for a checkpoint on disk (a ds_files.DeepSpeedCheckpoint)."""
+    config = source.client_state.get("config") or {}
+    return {
+        "tensor_parallel": source.tp_size,
+        "data_parallel": source.dp_size,
+        "zero_stage": source.zero_stage,
+        "precision": (config.get("deepspeed") or {}).get("precision", "fp32"),
+        "padded_vocab_size": source.tp_size * int(source.local("embed_in.weight", "fp32", 0).shape[0]),
+    }
+
+
+_NOT_ARCHITECTURE = {
+    "make_vocab_size_divisible_by", "init_method", "output_layer_init_method", "init_std", "max_position_embeddings"
+}
+
+
+def check_resumable(saved: dict, cfg) -> None:
+    """Refuse, in one line, a resume that cannot continue the saved run: another architecture, or another
+    global batch / sequence length (the data position and LR schedule are counted in steps of those)."""
+    from dataclasses import asdict
+
+    saved_model = saved.get("model") or {}
+    for key, value in asdict(cfg.model).items():
+        if key not in _NOT_ARCHITECTURE and key in saved_model and saved_model[key] != value:
+            raise CheckpointError(
+                f"the checkpoint was trained with model.{key}={saved_model[key]!r} but the config has {value!r}: "
+                "resume with the same model section, or use a new train.output_dir (train.init_from for weights)"
+            )
+    saved_train = saved.get("train") or {}
+    for key in ("global_batch_size", "seq_length"):
+        if key in saved_train and saved_train[key] != getattr(cfg.train, key):
+            raise CheckpointError(
+                f"the checkpoint was trained with train.{key}={saved_train[key]} but the config has "
+                f"{getattr(cfg.train, key)}: the data position depends on it; keep it or use a new train.output_dir"
+            )
+    if "seed" in saved_train and saved_train["seed"] != cfg.train.seed:
+        warnings.warn(f"train.seed changed from {saved_train['seed']} to {cfg.train.seed}: the data order after "
+                      "resume differs from the original run's", stacklevel=3)
+
+
+def resume(engine, cfg, ckpt_dir: Path, inhibitor=None) -> int:
+    """Restore the newest intact checkpoint under `ckpt_dir` into `engine` (and the L2E inhibitor), on the
+    same layout or another one. Returns the step it was saved at, 0 when there is nothing to resume."""
+    from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
+    from l2e_dist.checkpoint.reshard import load_resharded
+
+    rank = dist.get_rank()
+    choice = None
+    if rank == 0:
+        try:
+            choice = ("ok", find_resume_checkpoint(ckpt_dir, deep=True))
+        except CheckpointError as exc:
+            choice = ("error", str(exc))
+    status, value = _from_rank0(choice)
+    if status == "error":
+        raise CheckpointError(value)
+    if value is None:
+        return 0
+    ckpt = Path(value)
+    source = DeepSpeedCheckpoint(ckpt)
+    saved = source.client_state
+    check_resumable(saved.get("config") or {}, cfg)
+    before, now = checkpoint_layout(source), run_layout(engine)
+    if before == now:
+        client_state = load_checkpoint(engine, ckpt)
+    else:
+        load_resharded(engine, source, real_vocab=int(cfg.model.vocab_size))
+        client_state = saved
+        reseed_for_resume(cfg.train.seed, int(saved["step"]), rank)
+    if inhibitor is not None and "l2e" in client_state:
+        inhibitor.load_state_dict(client_state["l2e"])
+    step = int(client_state["step"])
+    if rank == 0:
+        how = "same layout" if before == now else f"resharded from {_describe(before)} to {_describe(now)}"
+        print(f"l2e-dist: resumed from {ckpt} (step {step}, {how})", flush=True)
+    return step
+
+
+def _describe(layout: dict[str, Any]) -> str:
+    return (f"TP={layout['tensor_parallel']} DP={layout['data_parallel']} ZeRO-{layout['zero_stage']} "
+            f"{layout['precision']} vocab={layout['padded_vocab_size']}")

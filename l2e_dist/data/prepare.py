@@ -19,6 +19,7 @@ documents without a label get label -1 and are counted. All counts are printed a
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -176,7 +177,8 @@ def process_batch(batch: Batch) -> RecordCounts:
         if not ids:  # text that tokenizes to nothing is an empty document too
             counts.empty += 1
             continue
-        counts.missing_label += label is None and parser.label_field is not None
+        if label is None and parser.label_field:
+            counts.missing_label += 1
         tokens = np.array(ids + [eod], dtype=dtype)
         builder.add_document(tokens, [tokens.size])
         digest.update(tokens.tobytes())
@@ -288,8 +290,13 @@ def _merge(options: PrepareOptions, prefix: str, parts_dir: str, num_chunks: int
                            f"skipped, e.g. {total.bad_examples[:1]}): check the files and --text-field")
     tmp = f"{prefix}.tmp-{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
-    for index in range(num_chunks):
-        builder.add_index(chunk_prefix(parts_dir, index))
+    # add_index runs gc.collect() per chunk, ~0.2 s each with torch loaded; frozen objects are not rescanned
+    gc.freeze()
+    try:
+        for index in range(num_chunks):
+            builder.add_index(chunk_prefix(parts_dir, index))
+    finally:
+        gc.unfreeze()
     builder.finalize(tmp + ".idx")
     os.replace(tmp + ".bin", prefix + ".bin")
     os.replace(tmp + ".idx", prefix + ".idx")

@@ -50,7 +50,6 @@ def plan_runs(cfg: EmergenceConfig) -> list[RunSpec]:
 
 def _worker_init() -> None:
     # Runs are independent single-threaded jobs: one thread per worker avoids oversubscribing the cores.
-    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
 
@@ -71,7 +70,16 @@ def execute(cfg: EmergenceConfig, specs: list[RunSpec], log: bool = True) -> lis
         results = map(_run, jobs)
         pool = None
     else:
-        pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init)
+        # Spawned workers inherit the environment at start: OMP_NUM_THREADS=1 before their torch/BLAS load.
+        saved = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"
+        try:
+            pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init)
+        finally:
+            if saved is None:
+                del os.environ["OMP_NUM_THREADS"]
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
         results = pool.imap_unordered(_run, jobs)
     try:
         for record in results:
@@ -84,6 +92,10 @@ def execute(cfg: EmergenceConfig, specs: list[RunSpec], log: bool = True) -> lis
                     file=sys.stderr,
                     flush=True,
                 )
+    except BaseException:
+        if pool is not None:
+            pool.terminate()  # a failed run (or Ctrl-C) stops the sweep instead of waiting for the rest
+        raise
     finally:
         if pool is not None:
             pool.close()

@@ -99,9 +99,10 @@ def train_run(cfg: EmergenceConfig, spec: RunSpec) -> RunRecord:
         lr = settings.lr * 0.5 ** (step // settings.lr_halve_every) if settings.lr_halve_every else settings.lr
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = dataset.next_batch(settings.batch_size, data_gen) if dataset else tasks.sample(
-            settings.batch_size, data_gen
-        )
+        if dataset is not None:
+            batch = dataset.next_batch(settings.batch_size, data_gen)
+        else:
+            batch = tasks.sample(settings.batch_size, data_gen)
         loss = torch.nn.functional.mse_loss(model(batch.x), batch.y)
         if inhibitor is not None:
             loss = loss + inhibitor.regularization_loss()

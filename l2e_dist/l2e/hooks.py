@@ -37,11 +37,14 @@ class ScoreMeter:
     forwards that run while it is attached (e.g. a validation pass in eval mode). Counts stay on device; sum them
     over the data- and tensor-parallel ranks before dividing."""
 
-    def __init__(self, inhibitor: L2EInhibitor, probes: dict[int, torch.nn.Module], reference: float):
+    def __init__(self, inhibitor: L2EInhibitor, probes: dict[int, torch.nn.Module], reference: float,
+                 sample_size: int = 0):
         self.inhibitor = inhibitor
         self.reference = reference
+        self.sample_size = sample_size  # keep up to this many scores per layer (first seen) for histograms
         self.layer_ids = list(inhibitor.layer_ids)
         self.counts = torch.zeros(len(self.layer_ids), 2, dtype=torch.float64, device=inhibitor.device)
+        self.samples: dict[int, list[torch.Tensor]] = {lid: [] for lid in self.layer_ids}
         self._handles = [probes[lid].register_forward_hook(partial(self._observe, row))
                          for row, lid in enumerate(self.layer_ids)]
 
@@ -50,6 +53,10 @@ class ScoreMeter:
         if phi is not None:
             self.counts[row, 0] += (phi >= self.reference).sum()
             self.counts[row, 1] += phi.numel()
+            kept = self.samples[self.layer_ids[row]]
+            room = self.sample_size - sum(t.numel() for t in kept)
+            if room > 0:
+                kept.append(phi.reshape(-1)[:room].float().cpu())
 
     def detach(self) -> None:
         for handle in self._handles:

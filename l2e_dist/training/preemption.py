@@ -115,6 +115,7 @@ class PreemptionHandler:
 @dataclass(frozen=True)
 class _Beat:
     deadline: float  # time.monotonic() by which the next heartbeat must come
+    allowed_s: float
     step: int | None
     phase: str
 
@@ -138,7 +139,7 @@ class Watchdog:
         self.share_progress = share_progress and self.world_size > 1 and "MASTER_ADDR" in os.environ
         self.poll_s = poll_s if poll_s is not None else min(5.0, max(0.2, self.timeout_s / 10))
         self.publish_every_s = max(1.0, self.timeout_s / 5)
-        self._beat = _Beat(time.monotonic() + self.timeout_s, None, "start")
+        self._beat = _Beat(time.monotonic() + self.timeout_s, self.timeout_s, None, "start")
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="l2e-watchdog", daemon=True)
         self._store: dist.TCPStore | None = None
@@ -154,7 +155,8 @@ class Watchdog:
 
     def heartbeat(self, step: int | None = None, phase: str = "train", allow_s: float | None = None) -> None:
         """The loop is alive. `allow_s` grants a longer deadline for a known slow phase (checkpoint)."""
-        self._beat = _Beat(time.monotonic() + (allow_s or self.timeout_s), step, phase)
+        allowed = allow_s or self.timeout_s
+        self._beat = _Beat(time.monotonic() + allowed, allowed, step, phase)
 
     def _connect(self) -> dist.TCPStore:
         if self._store is None:
@@ -224,8 +226,8 @@ class Watchdog:
     def _fire(self, beat: _Beat) -> None:
         where = f"step {beat.step}, phase '{beat.phase}'"
         _say(
-            f"rank {self.rank}: watchdog: no heartbeat for {self.timeout_s:.0f} s ({where}); "
-            f"a peer is probably dead or stuck"
+            f"rank {self.rank}: watchdog: no heartbeat for {beat.allowed_s:.0f} s ({where}); "
+            "this rank or a peer is dead or stuck"
         )
         if self.share_progress:
             report: list[str] = []
@@ -236,7 +238,10 @@ class Watchdog:
             if self.rank == 0:  # rank 0 hosts the store: keep it up briefly so the peers can report too
                 time.sleep(_STORE_GRACE_S)
         _say(f"rank {self.rank}: watchdog: exiting with code {self.exit_code}")
-        sys.stdout.flush()
+        # Flush buffered log lines, but never wait on a stdout lock the stuck main thread may hold.
+        flusher = threading.Thread(target=sys.stdout.flush, daemon=True)
+        flusher.start()
+        flusher.join(timeout=1.0)
         os._exit(self.exit_code)
 
 

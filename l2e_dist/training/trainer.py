@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from l2e_dist.checkpoint.io import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from l2e_dist.checkpoint.convert import load_init_weights
+from l2e_dist.checkpoint.io import resume, save_checkpoint
 from l2e_dist.config import RunConfig, config_to_dict, validate_world
 from l2e_dist.data import build_datasets, global_batch_iterator, prepare_default_corpus
 from l2e_dist.l2e.hooks import ScoreMeter
@@ -106,7 +108,7 @@ def _set_training(engine, inhibitor: L2EInhibitor | None, training: bool) -> Non
 
 @torch.no_grad()
 def evaluate(
-    engine, model: GPTNeoX, inhibitor, valid_set, cfg: RunConfig, layout: ParallelLayout, device
+    engine, model: GPTNeoX, inhibitor, valid_set, cfg: RunConfig, layout: ParallelLayout, device, logger=None, step=0
 ) -> dict[str, float]:
     """Validation LM loss over `eval_iters` global batches (always the same batches) and, with L2E, the
     held-out fraction of (token, neuron) pairs of each inhibited layer scoring >= l2e.eval_reference_score."""
@@ -114,7 +116,7 @@ def evaluate(
     meter = None
     if inhibitor is not None:
         probes = model.mlp_probes(cfg.l2e.activation)
-        meter = ScoreMeter(inhibitor, probes, cfg.l2e.eval_reference_score)
+        meter = ScoreMeter(inhibitor, probes, cfg.l2e.eval_reference_score, sample_size=cfg.logging.histogram_size)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     batches = global_batch_iterator(
         valid_set,
@@ -134,6 +136,10 @@ def evaluate(
     metrics = {"valid/loss": (total[0] / total[1].clamp(min=1)).item()}
     if meter is not None:
         meter.detach()
+        if logger is not None:
+            for layer, kept in meter.samples.items():
+                if kept:  # this rank's held-out scores (log10) of the layer: the tail L2E acts on
+                    logger.histogram(f"valid/l2e/layer{layer}/log10_score", torch.cat(kept).clamp_min(1e-12).log10(), step)
         if layout.world_size > 1:
             dist.all_reduce(meter.counts, group=tensor_and_data_parallel_group())
         for (above, seen), layer in zip(meter.counts.tolist(), meter.layer_ids):
@@ -168,6 +174,8 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     seed_everything(cfg.train.seed)  # identical init on every rank and every TP size
     model = GPTNeoX(cfg.model)
     model.activation_checkpointing = cfg.train.activation_checkpointing
+    if cfg.train.init_from:  # weights only (fresh optimizer); a checkpoint to resume from overrides them
+        load_init_weights(model, cfg.train.init_from, layout.tp_rank, layout.tp_size)
     inhibitor = _build_inhibitor(cfg, model, layout, gas, device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
@@ -181,13 +189,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
 
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
-    start_step = 0
-    resume_from = find_resume_checkpoint(ckpt_dir) if cfg.train.resume else None
-    if resume_from is not None:
-        client_state = load_checkpoint(engine, resume_from)
-        start_step = int(client_state["step"])
-        if inhibitor is not None and "l2e" in client_state:
-            inhibitor.load_state_dict(client_state["l2e"])
+    start_step = resume(engine, cfg, ckpt_dir, inhibitor) if cfg.train.resume else 0
     is_rank0 = layout.rank == 0
     logger = MetricsLogger(
         str(out_dir),
@@ -262,6 +264,8 @@ def pretrain(cfg: RunConfig) -> TrainResult:
                 metrics["train/mfu"] = tokens_per_s * flops_per_token / (peak * 1e12 * layout.world_size)
             if torch.cuda.is_available():
                 metrics["train/max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            else:
+                metrics["train/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             if inhibitor is not None:
                 metrics.update(inhibitor.metrics())
             losses.append(mean_loss)
@@ -273,7 +277,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         logger.advance(1)
 
         if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.train_iters):
-            valid_metrics = evaluate(engine, model, inhibitor, datasets.valid, cfg, layout, device)
+            valid_metrics = evaluate(engine, model, inhibitor, datasets.valid, cfg, layout, device, logger, step)
             logger.log(step, valid_metrics)
         if cfg.train.save_interval and step % cfg.train.save_interval == 0 and step != cfg.train.train_iters:
             _save(engine, inhibitor, ckpt_dir, step, cfg)

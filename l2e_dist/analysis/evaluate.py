@@ -1,0 +1,150 @@
+"""Zero-/few-shot evaluation of an exported HF model with lm-evaluation-harness (`lm_eval.simple_evaluate`).
+
+Tasks are harness task names (arc_challenge, piqa, ...: their datasets come from the HF hub or its cache) or
+local task YAML files / directories of them (read through `TaskManager(include_path=...)`, so a local task with
+local data runs fully offline, e.g. with HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1). When every task is local,
+the harness's own task index is not scanned (faster start).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class EvalError(ValueError):
+    """A user-facing problem with the evaluation inputs (one line, with the fix)."""
+
+
+@dataclass
+class EvalSettings:
+    tasks: list[str]
+    num_fewshot: int | None = None
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    limit: float | None = None  # per task: a count (>= 1) or a fraction (< 1) of the documents
+    seed: int = 1234
+    tokenizer: str | None = None  # default: the model directory
+    log_samples: bool = False
+
+
+class _TaskLoader(yaml.SafeLoader):
+    """Reads task YAMLs that use the harness's `!function module.name` tag (we only need the task name)."""
+
+
+_TaskLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def _task_names_in(path: Path) -> list[str]:
+    files = sorted(path.rglob("*.yaml")) if path.is_dir() else [path]
+    names = []
+    for file in files:
+        try:
+            config = yaml.load(file.read_text(), Loader=_TaskLoader)
+        except (OSError, yaml.YAMLError) as exc:
+            raise EvalError(f"cannot read task file {file}: {exc}") from None
+        if isinstance(config, dict) and isinstance(config.get("task"), str):
+            names.append(config["task"])
+    if not names:
+        raise EvalError(f"no lm-eval task (a YAML with a `task:` name) in {path}")
+    return names
+
+
+def resolve_tasks(specs: list[str]) -> tuple[list[str], list[str]]:
+    """(task names, include paths): a spec that is an existing .yaml file or directory is a local task."""
+    names, include = [], []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir() or (path.is_file() and path.suffix in (".yaml", ".yml")):
+            names += _task_names_in(path)
+            include.append(str((path if path.is_dir() else path.parent).resolve()))
+        elif spec.endswith((".yaml", ".yml")) or os.sep in spec:
+            raise EvalError(f"task file not found: {spec}")
+        else:
+            names.append(spec)
+    return names, sorted(set(include))
+
+
+def check_model_dir(model_dir: str | Path, tokenizer: str | None) -> None:
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise EvalError(f"{path} is not an HF model directory (no config.json): export the checkpoint to HF "
+                        "format first")
+    tokenizer_dir = Path(tokenizer) if tokenizer else path
+    if not any((tokenizer_dir / name).is_file() for name in _TOKENIZER_FILES):
+        raise EvalError(f"no tokenizer in {tokenizer_dir} (none of {', '.join(_TOKENIZER_FILES)}): save one "
+                        "with the model or pass --tokenizer DIR")
+
+
+def evaluate(model_dir: str | Path, settings: EvalSettings) -> dict[str, Any]:
+    """Run the harness; returns its result dict (results, configs, versions, n-samples, and samples if asked)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    check_model_dir(model_dir, settings.tokenizer)
+    names, include = resolve_tasks(settings.tasks)
+    local_only = all(Path(spec).exists() for spec in settings.tasks)
+    manager = TaskManager(include_path=include or None, include_defaults=not local_only)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise EvalError(f"unknown lm-eval task(s) {unknown}: use harness task names (`lm-eval ls tasks`) or local "
+                        "task YAML files")
+    model_args: dict[str, Any] = {"pretrained": str(model_dir), "dtype": settings.dtype}
+    if settings.tokenizer:
+        model_args["tokenizer"] = settings.tokenizer
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args=model_args, tasks=names, num_fewshot=settings.num_fewshot,
+        batch_size=settings.batch_size, device=settings.device, limit=settings.limit, task_manager=manager,
+        log_samples=settings.log_samples, random_seed=settings.seed, numpy_random_seed=settings.seed,
+        torch_random_seed=settings.seed, fewshot_random_seed=settings.seed)
+    if results is None:  # non-zero ranks of a multi-process harness run
+        raise EvalError("lm-eval returned no results (run l2e-eval as a single process)")
+    return results
+
+
+def summarize(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """{task: {metric: value}} of the harness's "metric,filter" entries (",none" dropped; N/A stderr -> None)."""
+    summary = {}
+    for task, metrics in results["results"].items():
+        row: dict[str, float | None] = {}
+        for key, value in metrics.items():
+            if "," not in key:  # alias, name, sample_len: not metrics ("metric,filter" keys are)
+                continue
+            name = key.removesuffix(",none")
+            if isinstance(value, (int, float)):
+                row[name] = float(value) if math.isfinite(value) else None
+            elif value == "N/A":
+                row[name] = None
+        summary[task] = row
+    return summary
+
+
+def write_results(results: dict[str, Any], model_dir: str | Path, settings: EvalSettings, path: str | Path) -> dict:
+    """Atomically write {model, settings, summary, n-samples, versions, configs[, samples]} as JSON."""
+    record = {
+        "model": str(model_dir),
+        "settings": asdict(settings),
+        "summary": summarize(results),
+        "n-samples": results.get("n-samples"),
+        "versions": results.get("versions"),
+        "n-shot": results.get("n-shot"),
+        "lm_eval_version": results.get("lm_eval_version"),
+        "configs": results.get("configs"),
+    }
+    if settings.log_samples:
+        record["samples"] = results.get("samples")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+    return record

@@ -1,0 +1,344 @@
+"""Our training checkpoints <-> Hugging Face GPTNeoX directories, and weights-only initialisation.
+
+    export_hf("runs/tiny", "hf-tiny")                    # any ZeRO stage, any TP -> GPTNeoXForCausalLM dir
+    import_hf("pythia-70m", "pythia-70m-tp2", tp=2)      # -> a checkpoint dir for `train.init_from`
+    state, config = load_as_hf_state_dict("runs/tiny")   # HF-named tensors + HF config dict (NeuroMFA)
+
+A "checkpoint path" may be a checkpoint directory (`.../checkpoints/global_step1000`, or an import_hf output),
+a checkpoints directory holding `latest`, or a run's output_dir. Weights are the fp32 master weights, merged
+over ZeRO partitions and TP shards by l2e_dist.checkpoint.ds_files.
+
+Vocabulary rows: our embedding and output matrices are padded to `make_vocab_size_divisible_by x TP` rows
+(Megatron's convention); an HF export keeps the padded size as its vocab_size, as Pythia's published configs do.
+When a checkpoint is loaded at a TP size with a different padded size, rows past the real vocabulary are cut or
+zero-filled (zero output rows give a 0 logit to tokens the tokenizer never produces).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
+from l2e_dist.checkpoint.hf import (
+    from_hf_state_dict,
+    hf_config_dict,
+    model_config_from_hf,
+    to_hf_state_dict,
+)
+from l2e_dist.checkpoint.io import CheckpointError, find_resume_checkpoint, verify_checkpoint, write_manifest
+from l2e_dist.config_utils import build
+from l2e_dist.model.config import ModelConfig
+from l2e_dist.model.tp_layout import split_tensor
+
+VOCAB_ROW_TENSORS = ("embed_in.weight", "embed_out.weight")
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+IMPORT_FORMAT = "l2e-dist-import/1"
+
+
+def is_hf_directory(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and any((path / name).is_file() for name in HF_WEIGHT_FILES)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory meant by `path` (see module docstring), verified against its manifest."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if any(path.glob("*_model_states.pt")):
+        if (path / "manifest.json").is_file() and (problem := verify_checkpoint(path)) is not None:
+            raise CheckpointError(f"{path} is damaged: {problem}")
+        return path
+    for root in (path, path / "checkpoints"):
+        if (root / "latest").is_file():
+            found = find_resume_checkpoint(root)
+            if found is not None:
+                return found
+    raise CheckpointError(
+        f"{path} is not a checkpoint: give a checkpoint directory (.../checkpoints/global_step1000), "
+        "a checkpoints directory with a `latest` file, or a run output_dir"
+    )
+
+
+def resize_vocab_rows(name: str, tensor: torch.Tensor, rows: int, real_vocab: int) -> torch.Tensor:
+    """Cut or zero-pad the padding rows of an embedding/output matrix to `rows` (never real-token rows)."""
+    if name not in VOCAB_ROW_TENSORS or tensor.shape[0] == rows:
+        return tensor
+    if rows < real_vocab:
+        raise CheckpointError(f"{name}: cannot shrink to {rows} rows, the vocabulary has {real_vocab} tokens")
+    if rows < tensor.shape[0]:
+        return tensor[:rows].clone()
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
+
+
+class WeightSource:
+    """Full-width fp32 weights (our names) plus the model config of a checkpoint or an HF directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.run_config: dict = {}
+        self.token_ids: dict[str, int] = {}
+        if is_hf_directory(self.path):
+            from transformers import AutoConfig
+
+            hf_cfg = AutoConfig.from_pretrained(str(self.path))
+            if hf_cfg.model_type != "gpt_neox":
+                raise CheckpointError(f"{self.path} is a {hf_cfg.model_type!r} model, not GPTNeoX/Pythia")
+            self.model_config = model_config_from_hf(hf_cfg)
+            self.token_ids = {k: v for k in ("bos_token_id", "eos_token_id") if (v := getattr(hf_cfg, k, None)) is not None}
+            self._weights = {k: v.float() for k, v in from_hf_state_dict(_read_hf_tensors(self.path)).items()}
+            self.checkpoint = None
+            return
+        self.checkpoint_dir = resolve_checkpoint(self.path)
+        self.checkpoint = DeepSpeedCheckpoint(self.checkpoint_dir)
+        self.run_config = self.checkpoint.client_state.get("config") or {}
+        if "model" not in self.run_config:
+            raise CheckpointError(f"{self.checkpoint_dir} records no model config (not an l2e-dist checkpoint)")
+        self.model_config = build(ModelConfig, self.run_config["model"], "model")
+        self.token_ids = dict(self.checkpoint.client_state.get("hf_token_ids") or {})
+        self._weights = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._weights) if self.checkpoint is None else self.checkpoint.names
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._weights[name] if self.checkpoint is None else self.checkpoint.full(name)
+
+    def padded_vocab_size(self) -> int:
+        return int(self.tensor("embed_in.weight").shape[0])
+
+
+def _read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (directory / "model.safetensors").is_file():
+        return load_file(str(directory / "model.safetensors"))
+    if (directory / "model.safetensors.index.json").is_file():
+        index = json.loads((directory / "model.safetensors.index.json").read_text())
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            state.update(load_file(str(directory / shard)))
+        return state
+    return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+
+
+def load_as_hf_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict under HF GPTNeoX names, HF config as a dict) of a training checkpoint at any TP/ZeRO
+    layout, or of an HF directory."""
+    source = WeightSource(path)
+    weights = {name: source.tensor(name) for name in source.names}
+    eos = source.token_ids.get("eos_token_id")
+    return to_hf_state_dict(weights), hf_config_dict(source.model_config, source.padded_vocab_size(), eos)
+
+
+def _atomic_directory(out_dir: Path):
+    """A fresh temporary directory next to `out_dir`; the caller renames it into place when complete."""
+    out_dir = out_dir.resolve()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CheckpointError(f"{out_dir} exists and is not empty: remove it or choose another output directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return out_dir, tmp
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        out_dir.rmdir()  # empty (checked by _atomic_directory)
+    os.replace(tmp, out_dir)
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write a `GPTNeoXForCausalLM` directory (config.json, safetensors weights, tokenizer files when the
+    run's tokenizer is found) that `AutoModelForCausalLM.from_pretrained` loads with no extra code."""
+    from safetensors.torch import save_file
+
+    source = WeightSource(checkpoint)
+    out_dir, tmp = _atomic_directory(Path(out_dir))
+    try:
+        tokenizer = _export_tokenizer(source, tmp)
+        eos = tokenizer["eos_id"] if tokenizer else source.token_ids.get("eos_token_id")
+        config = hf_config_dict(source.model_config, source.padded_vocab_size(), eos)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name in source.names:
+            tensor = source.tensor(name).contiguous()
+            if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1].update(to_hf_state_dict({name: tensor}))
+            size += tensor.nbytes
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / file), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, file))
+            total = sum(t.nbytes for shard in shards for t in shard.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _publish(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+def run_tokenizer_file(run_config: dict) -> Path | None:
+    """The tokenizer a run trained with, from its saved config: data.tokenizer, else the `.meta.json` of its
+    data prefixes (l2e-prepare-data output, or the default corpus when its cache still exists)."""
+    data = run_config.get("data") or {}
+    if data.get("tokenizer"):
+        path = Path(data["tokenizer"])
+        return path if path.is_file() else None
+    prefixes = [Path(p) for p in data.get("paths") or []]
+    if not prefixes and data.get("cache_dir") and (Path(data["cache_dir"]) / "default-corpus").is_dir():
+        from l2e_dist.data.default_corpus import prepare_default_corpus
+
+        prefixes = [Path(prepare_default_corpus(data["cache_dir"]))]  # existing cache: returns at once
+    for prefix in prefixes:
+        meta = prefix.with_name(prefix.name + ".meta.json")
+        if meta.is_file():
+            recorded = Path(json.loads(meta.read_text())["tokenizer"]["path"])
+            path = recorded if recorded.is_absolute() else prefix.parent / recorded
+            if path.is_file():
+                return path
+    return None
+
+
+def sentencepiece_to_tokenizers(model_path: Path):
+    """An HF `tokenizers` BPE equivalent of a SentencePiece BPE model trained like ours (identity normalisation,
+    no dummy prefix, byte fallback): the same ids for any text, except that the literal text of a control
+    piece (e.g. "<|endoftext|>") becomes that special token, as HF tokenizers do."""
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+    from transformers.tokenization_utils_base import generate_merges
+
+    proto = SentencePieceExtractor(str(model_path)).proto
+    if proto.trainer_spec.model_type != 2:  # 2 = BPE
+        raise CheckpointError(f"{model_path}: only SentencePiece BPE models are converted")
+    if proto.normalizer_spec.add_dummy_prefix or proto.normalizer_spec.precompiled_charsmap:
+        raise CheckpointError(f"{model_path}: SentencePiece normalisation other than identity is not converted")
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    tokenizer = Tokenizer(
+        BPE(vocab=vocab, merges=generate_merges(vocab), unk_token=proto.trainer_spec.unk_piece,
+            fuse_unk=True, byte_fallback=proto.trainer_spec.byte_fallback)
+    )
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    special = [p.piece for p in proto.pieces if p.type in (2, 3)]  # unknown, control
+    tokenizer.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in special])
+    return tokenizer
+
+
+def _export_tokenizer(source: WeightSource, out: Path) -> dict | None:
+    """tokenizer.json + tokenizer_config.json (generic PreTrainedTokenizerFast) when the tokenizer is known."""
+    path = run_tokenizer_file(source.run_config) if source.run_config else None
+    if path is None:
+        if source.checkpoint is not None:
+            warnings.warn("the run's tokenizer was not found (data.tokenizer / data cache): exporting the model "
+                          "without tokenizer files", stacklevel=3)
+        elif is_hf_directory(source.path):
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if (source.path / name).is_file():
+                    shutil.copy2(source.path / name, out / name)
+        return None
+    from l2e_dist.data.tokenizer import TextTokenizer
+
+    text_tokenizer = TextTokenizer(str(path), eod_token=(source.run_config.get("data") or {}).get("eod_token"))
+    if path.suffix == ".json":
+        shutil.copy2(path, out / "tokenizer.json")
+        unk = None
+    else:
+        converted = sentencepiece_to_tokenizers(path)
+        converted.save(str(out / "tokenizer.json"))
+        unk = converted.id_to_token(0)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": text_tokenizer.eod_token,
+        "eos_token": text_tokenizer.eod_token,
+        "model_max_length": source.model_config.max_position_embeddings,
+        "clean_up_tokenization_spaces": False,
+    }
+    if unk is not None:
+        config["unk_token"] = unk
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return {"eos_id": text_tokenizer.eod_id}
+
+
+# ------------------------------------------------------------------------------------------- import
+def import_hf(hf_dir: str | Path, out_dir: str | Path, tp: int) -> Path:
+    """A GPTNeoX/Pythia HF directory -> our checkpoint directory with TP=`tp` weight shards (DeepSpeed
+    stage-0 layout: mp_rank_XX_model_states.pt, no optimizer state) that `train.init_from` starts from."""
+    source = WeightSource(hf_dir)
+    if source.checkpoint is not None:
+        raise CheckpointError(f"{hf_dir} is not a Hugging Face directory (config.json + model.safetensors)")
+    cfg = source.model_config
+    if cfg.num_attention_heads % tp or cfg.ffn_size % tp:
+        raise CheckpointError(f"TP={tp} must divide the heads ({cfg.num_attention_heads}) and MLP width ({cfg.ffn_size})")
+    rows = cfg.padded_vocab_size(tp)
+    out_dir, tmp = _atomic_directory(Path(out_dir))
+    try:
+        weights = {name: resize_vocab_rows(name, source.tensor(name), rows, cfg.vocab_size) for name in source.names}
+        run_config = {"model": {f.name: getattr(cfg, f.name) for f in fields(cfg)}}
+        for rank in range(tp):
+            state = {
+                "module": {name: split_tensor(name, w, tp, rank) for name, w in weights.items()},
+                "mp_world_size": tp,
+                "dp_world_size": 1,
+                "step": 0,
+                "config": run_config,
+                "hf_token_ids": source.token_ids,
+                "format": IMPORT_FORMAT,
+            }
+            torch.save(state, tmp / f"mp_rank_{rank:02d}_model_states.pt")
+        write_manifest(tmp)
+        _publish(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def load_init_weights(model: torch.nn.Module, path: str | Path, tp_rank: int, tp_size: int) -> None:
+    """`train.init_from`: copy the weights of a checkpoint or HF directory into this TP rank's (not yet
+    DeepSpeed-wrapped) model; the optimizer starts fresh. The architectures must match."""
+    source = WeightSource(path)
+    ours = model.cfg
+    mismatched = [
+        f.name
+        for f in fields(ModelConfig)
+        if f.name not in ("vocab_size", "make_vocab_size_divisible_by", "init_method", "output_layer_init_method",
+                          "init_std", "max_position_embeddings")
+        and getattr(ours, f.name) != getattr(source.model_config, f.name)
+    ]
+    if mismatched:
+        detail = ", ".join(f"model.{k}: checkpoint {getattr(source.model_config, k)!r}, config {getattr(ours, k)!r}"
+                           for k in mismatched)
+        raise CheckpointError(f"train.init_from={path} has another architecture ({detail}): use its model config")
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(source.names))
+    if missing:
+        raise CheckpointError(f"train.init_from={path} lacks {missing[:3]}...: not a GPTNeoX checkpoint of this model")
+    with torch.no_grad():
+        for name, param in params.items():
+            full = resize_vocab_rows(name, source.tensor(name), model.padded_vocab_size, ours.vocab_size or 0)
+            local = split_tensor(name, full, tp_size, tp_rank)
+            if local.shape != param.shape:
+                raise CheckpointError(f"train.init_from={path}: {name} has shape {tuple(local.shape)} on TP rank "
+                                      f"{tp_rank}, the model expects {tuple(param.shape)}")
+            param.copy_(local)
+

@@ -1,0 +1,51 @@
+"""`l2e-convert`: training checkpoints <-> Hugging Face GPTNeoX directories.
+
+    l2e-convert to-hf runs/tiny hf/tiny                # any checkpoint (any ZeRO stage, any TP) -> HF directory
+    l2e-convert from-hf pythia-70m ckpt/pythia-70m-tp2 --tp 2   # HF GPTNeoX/Pythia -> our checkpoint at TP=2
+
+CHECKPOINT may be a run's output_dir, its checkpoints/ directory (uses `latest`) or one checkpoint directory.
+Continue pretraining from an imported model with `--set train.init_from=ckpt/pythia-70m-tp2` (weights only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="l2e-convert", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    to_hf = sub.add_parser("to-hf", help="checkpoint -> Hugging Face GPTNeoXForCausalLM directory")
+    to_hf.add_argument("checkpoint", help="run output_dir, checkpoints/ directory or checkpoint directory")
+    to_hf.add_argument("out", help="output directory (must not exist or be empty)")
+    to_hf.add_argument("--max-shard-gib", type=float, default=5.0, help="safetensors shard size (default 5)")
+    from_hf = sub.add_parser("from-hf", help="Hugging Face GPTNeoX directory -> our checkpoint at a TP size")
+    from_hf.add_argument("hf_dir", help="directory with config.json and model.safetensors (or pytorch_model.bin)")
+    from_hf.add_argument("out", help="output checkpoint directory (must not exist or be empty)")
+    from_hf.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the written shards")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from l2e_dist.checkpoint.convert import export_hf, import_hf
+    from l2e_dist.checkpoint.ds_files import CheckpointFormatError
+    from l2e_dist.checkpoint.io import CheckpointError
+
+    try:
+        if args.command == "to-hf":
+            out = export_hf(args.checkpoint, args.out, max_shard_bytes=int(args.max_shard_gib * 2**30))
+        else:
+            if args.tp < 1:
+                raise CheckpointError(f"--tp must be >= 1, got {args.tp}")
+            out = import_hf(args.hf_dir, args.out, tp=args.tp)
+    except (CheckpointError, CheckpointFormatError) as exc:
+        print(f"l2e-convert: {exc}", file=sys.stderr)
+        return 2
+    print(f"l2e-convert: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
