@@ -5,5 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=1
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
 exec deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29561}" --module launcher.pretrain --config configs/tiny.yaml "$@"

@@ -18,3 +18,11 @@ if ! "$PY" -c 'import l2e_dist, deepspeed, megatron.core, pytest, ruff' 2>/dev/n
   "$PY" -m pip install -q -e ".[dev]"
   mkdir -p .cache && touch .cache/.installed
 fi
+# DeepSpeed JIT-compiles a small shared-memory comm op on first use on CPU (~45 s); do it once here so that
+# the first training run does not pay for it (cached under ~/.cache/torch_extensions).
+"$PY" - <<'PYEOF' >/dev/null 2>&1 || echo "setup: warning: could not pre-build DeepSpeed's CPU comm op (it will build on first use)" >&2
+import warnings
+warnings.filterwarnings("ignore")
+from deepspeed.comm.torch import build_shm_op
+build_shm_op()
+PYEOF

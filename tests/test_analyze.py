@@ -5,6 +5,7 @@ same weights as a TP=2 training checkpoint) with its JSON and figures."""
 from __future__ import annotations
 
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -103,10 +104,24 @@ def test_fkr_is_zero_on_own_feature_and_one_off_feature():
         assert layer["features"][0]["neurons_best"] == 8
 
 
-def _write_labelled_dataset(prefix: str, seed: int = 0) -> tuple[list[np.ndarray], list[int]]:
-    """Documents with a feature each (some unlabelled), written like l2e-prepare-data (megatron builder)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+def _write_indexed(prefix: str, docs: list[np.ndarray]) -> None:
+    """uint16 .bin/.idx in the GPT-NeoX/Megatron layout (one sequence per document), written here with numpy
+    and validated by the data package's deep check (megatron's builder writes the same bytes, but importing it
+    costs more than this whole test)."""
+    from l2e_dist.data.indexed import INDEX_MAGIC, check_index
 
+    lengths = np.array([d.size for d in docs], dtype=np.int32)
+    pointers = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64) * 2])
+    header = INDEX_MAGIC + struct.pack("<QBQQ", 1, 8, len(docs), len(docs) + 1)
+    with open(prefix + ".idx", "wb") as stream:
+        stream.write(header + lengths.tobytes() + pointers.tobytes() + np.arange(len(docs) + 1).tobytes())
+    with open(prefix + ".bin", "wb") as stream:
+        stream.write(np.concatenate(docs).astype(np.uint16).tobytes())
+    check_index(prefix, deep=True)
+
+
+def _write_labelled_dataset(prefix: str, seed: int = 0) -> tuple[list[np.ndarray], list[int]]:
+    """Documents with a feature each (some unlabelled) and the label sidecar l2e-prepare-data writes."""
     from l2e_dist.data.indexed import write_labels
 
     rng = np.random.default_rng(seed)
@@ -118,10 +133,7 @@ def _write_labelled_dataset(prefix: str, seed: int = 0) -> tuple[list[np.ndarray
         length = int(rng.integers(8, 40))
         docs.append(np.append(rng.integers(low, high, size=length), EOD).astype(np.uint16))
         labels.append(-1 if label < 0 else label)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    for doc in docs:
-        builder.add_document(doc, [doc.size])
-    builder.finalize(prefix + ".idx")
+    _write_indexed(prefix, docs)
     write_labels(prefix, np.array(labels), FEATURES, field="test")
     return docs, labels
 

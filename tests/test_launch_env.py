@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -151,5 +152,5 @@ def test_mpirun_ranks_come_from_mpi4py() -> None:
         env=env, capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    lines = sorted(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("mpi-probe"))
-    assert lines == [["0", "2", "0", "mpi", "3"], ["1", "2", "1", "mpi", "3"]]
+    found = sorted(re.findall(r"mpi-probe (\d+) (\d+) (\d+) (\w+) (\d+)", done.stdout))
+    assert found == [("0", "2", "0", "mpi", "3"), ("1", "2", "1", "mpi", "3")], done.stdout + done.stderr

@@ -4,12 +4,22 @@ Per model: record the MLP activations of the chosen layers (one forward pass ove
 maps in a scratch directory), then analyse the layers one at a time (`monosemanticity.analyze_layer`: exact
 statistics, scores, thresholds, FKR(p), per-feature scores and K-S). Writes `analysis.json` and the figures of
 `plots.plot_analysis`. Every model sees the same tokens, so their reports are directly comparable.
+
+Per layer, `analysis.json` holds (p = inhibition ratio, tau(p) = the layer's (1-p) score quantile):
+  score        mean, max, quantiles and a log10 histogram of all (token, neuron) scores
+  thresholds   per p: tau, selected_frac (pairs with phi >= tau: p up to ties), neurons_selected_frac (neurons
+               with at least one selected pair), fkr and selected_known (its denominator)
+  reference    per fixed score s: frac_above (comparable across models, unlike tau(p))
+  features     per feature: tokens, mean_score (feature-conditioned), ks (vs all scores), neurons_best (neurons
+               whose l* it is), histogram
+  top_neurons  the most feature-selective neurons: mean score on l* / mean score over all tokens
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -95,11 +105,9 @@ def analyze_model(label: str, path: str, sample: LabelledTokens, settings: Analy
             results.append({"layer": lid, **analyze_layer(
                 stores[lid], features, sample.feature_names, eps=settings.eps, ratios=tuple(settings.ratios),
                 reference_scores=tuple(settings.reference_scores), top_neurons=settings.top_neurons)})
-            os.remove(stores.pop(lid).filename)
+            os.remove(stores.pop(lid).filename)  # free the disk as soon as a layer is done
     finally:
-        for name in os.listdir(store_dir):
-            os.remove(os.path.join(store_dir, name))
-        os.rmdir(store_dir)
+        shutil.rmtree(store_dir, ignore_errors=True)
     return {"label": label, "path": str(path), "num_layers": config.num_hidden_layers,
             "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
             "seconds": round(time.perf_counter() - started, 3), "layers": results}

@@ -87,11 +87,11 @@ def check_model_dir(model_dir: str | Path, tokenizer: str | None) -> None:
 
 def evaluate(model_dir: str | Path, settings: EvalSettings) -> dict[str, Any]:
     """Run the harness; returns its result dict (results, configs, versions, n-samples, and samples if asked)."""
+    check_model_dir(model_dir, settings.tokenizer)
+    names, include = resolve_tasks(settings.tasks)
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    check_model_dir(model_dir, settings.tokenizer)
-    names, include = resolve_tasks(settings.tasks)
     local_only = all(Path(spec).exists() for spec in settings.tasks)
     manager = TaskManager(include_path=include or None, include_defaults=not local_only)
     unknown = [n for n in names if n not in manager.all_tasks]

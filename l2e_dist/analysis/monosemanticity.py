@@ -148,6 +148,8 @@ def analyze_layer(
     if features.shape != (num_tokens,):
         raise ValueError(f"{features.shape[0]} feature labels for {num_tokens} tokens")
     num_features = len(feature_names)
+    if features.size and features.max() >= num_features:
+        raise ValueError(f"feature id {features.max()} but only {num_features} feature names")
     mean, var = neuron_moments(z)
     phi = monosemanticity_scores(z, mean, var, eps)
     counts, feature_means = feature_mean_scores(phi, features, num_features)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from l2e_dist.data.indexed import check_index, open_indexed, read_labels
+from l2e_dist.data.indexed import HEADER_BYTES, IndexInfo, check_index, read_labels
 
 
 class SampleError(ValueError):
@@ -63,20 +63,39 @@ def _pack(documents: Iterator[tuple[np.ndarray, int]], seq_length: int, max_toke
     return tokens[:end].reshape(rows, seq_length), features[:end].reshape(rows, seq_length), used
 
 
+class _DocumentReader:
+    """Token ids of document d of a checked `.bin/.idx` pair, read with numpy memory maps in the layout that
+    `l2e_dist.data.indexed` documents (megatron-core's reader gives the same arrays but its import alone takes
+    longer than a small analysis)."""
+
+    def __init__(self, prefix: str, info: IndexInfo):
+        n = info.num_sequences
+        index = np.memmap(prefix + ".idx", dtype=np.uint8, mode="r")
+        self.lengths = np.frombuffer(index, dtype=np.int32, count=n, offset=HEADER_BYTES)
+        self.pointers = np.frombuffer(index, dtype=np.int64, count=n, offset=HEADER_BYTES + 4 * n)
+        self.doc_index = np.frombuffer(index, dtype=np.int64, count=info.num_documents + 1,
+                                       offset=HEADER_BYTES + 12 * n)
+        self.tokens = np.memmap(prefix + ".bin", dtype=info.dtype, mode="r")
+
+    def __call__(self, doc: int) -> np.ndarray:
+        parts = [self.tokens[self.pointers[s] // self.tokens.itemsize:][:self.lengths[s]]
+                 for s in range(int(self.doc_index[doc]), int(self.doc_index[doc + 1]))]
+        return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+
+
 def sample_indexed(prefix: str, seq_length: int, max_tokens: int, seed: int = 0) -> LabelledTokens:
     """Rows from a `.bin/.idx` prefix and its label sidecar (unlabelled data: every feature is -1)."""
     info = check_index(prefix)
-    dataset = open_indexed(prefix)
-    doc_index = np.asarray(dataset.document_indices)
+    if info.num_tokens == 0:
+        raise SampleError(f"{prefix} holds no tokens")
+    read = _DocumentReader(prefix, info)
     sidecar = read_labels(prefix, info.num_documents)
     labels, names = sidecar if sidecar is not None else (None, [])
     order = np.random.default_rng(seed).permutation(info.num_documents)
 
     def documents() -> Iterator[tuple[np.ndarray, int]]:
         for doc in order:
-            parts = [dataset[int(s)] for s in range(int(doc_index[doc]), int(doc_index[doc + 1]))]
-            ids = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-            yield ids, (int(labels[doc]) if labels is not None else -1)
+            yield read(int(doc)), (int(labels[doc]) if labels is not None else -1)
 
     tokens, features, used = _pack(documents(), seq_length, max_tokens, prefix)
     return LabelledTokens(tokens, features, list(names), {

@@ -41,6 +41,8 @@ from l2e_dist.model.tp_layout import split_tensor
 VOCAB_ROW_TENSORS = ("embed_in.weight", "embed_out.weight")
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 IMPORT_FORMAT = "l2e-dist-import/1"
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+IMPORTED_TOKENIZER_DIR = "hf_tokenizer"  # an import keeps the HF tokenizer files here, for the way back
 
 
 def is_hf_directory(path: str | Path) -> bool:
@@ -245,17 +247,25 @@ def sentencepiece_to_tokenizers(model_path: Path):
     return tokenizer
 
 
+def _copy_hf_tokenizer(source: Path, out: Path) -> bool:
+    """Copy the HF tokenizer files of `source` into `out` when it has a tokenizer; whether it had one."""
+    found = [name for name in HF_TOKENIZER_FILES if (source / name).is_file()]
+    if not {"tokenizer.json", "tokenizer.model"} & set(found):
+        return False
+    out.mkdir(exist_ok=True)
+    for name in found:
+        shutil.copy2(source / name, out / name)
+    return True
+
+
 def _export_tokenizer(source: WeightSource, out: Path) -> dict | None:
     """tokenizer.json + tokenizer_config.json (generic PreTrainedTokenizerFast) when the tokenizer is known."""
     path = run_tokenizer_file(source.run_config) if source.run_config else None
     if path is None:
-        if source.checkpoint is not None:
+        carried = source.path if source.checkpoint is None else source.checkpoint_dir / IMPORTED_TOKENIZER_DIR
+        if not _copy_hf_tokenizer(carried, out) and source.checkpoint is not None:
             warnings.warn("the run's tokenizer was not found (data.tokenizer / data cache): exporting the model "
                           "without tokenizer files", stacklevel=3)
-        elif is_hf_directory(source.path):
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-                if (source.path / name).is_file():
-                    shutil.copy2(source.path / name, out / name)
         return None
     from l2e_dist.data.tokenizer import TextTokenizer
 
@@ -306,6 +316,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tp: int) -> Path:
                 "format": IMPORT_FORMAT,
             }
             torch.save(state, tmp / f"mp_rank_{rank:02d}_model_states.pt")
+        _copy_hf_tokenizer(source.path, tmp / IMPORTED_TOKENIZER_DIR)
         write_manifest(tmp)
         _publish(tmp, out_dir)
     finally:

@@ -76,7 +76,18 @@ def safe_load(path: str | Path) -> Any:
         with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError or ValueError depending on the damage
-        raise CheckpointFormatError(f"{path} cannot be loaded safely: {str(exc).splitlines()[0]}") from exc
+        raise CheckpointFormatError(f"{path} cannot be loaded safely: {_why_unloadable(path, exc)}") from exc
+
+
+def _why_unloadable(path: Path, exc: Exception) -> str:
+    try:  # a static scan of the pickle: names the globals without importing or calling them
+        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not even a readable archive: truncated or corrupt
+        unsafe = set()
+    unsafe -= {name for _, name in _ALLOWED_GLOBALS}
+    if unsafe:
+        return f"it needs {sorted(unsafe)}, which weights-only loading refuses (loading it could run code)"
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 class DeepSpeedCheckpoint:
@@ -160,6 +171,10 @@ class DeepSpeedCheckpoint:
     @property
     def names(self) -> list[str]:
         return list(self._local_shapes[0])
+
+    def local_shape(self, name: str, tp: int = 0) -> torch.Size:
+        """Shape of `name` on TP rank `tp` (from the model-states file: no shard is read)."""
+        return self._local_shapes[tp][name]
 
     @cached_property
     def has_optimizer_state(self) -> bool:

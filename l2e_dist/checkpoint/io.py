@@ -261,7 +261,7 @@ def checkpoint_layout(source) -> dict[str, Any]:
         "data_parallel": source.dp_size,
         "zero_stage": source.zero_stage,
         "precision": (config.get("deepspeed") or {}).get("precision", "fp32"),
-        "padded_vocab_size": source.tp_size * int(source.local("embed_in.weight", "fp32", 0).shape[0]),
+        "padded_vocab_size": source.tp_size * int(source.local_shape("embed_in.weight")[0]),
     }
 
 

@@ -1,0 +1,119 @@
+"""Checkpoint verification on copies of a real ZeRO-3 checkpoint pair (steps 7 and 8): a truncated or missing
+shard, a corrupt `latest` pointer and a file that would run code when unpickled are each detected, the resume
+falls back to the previous intact checkpoint (left untouched) with a warning, and with nothing intact it stops
+with one clear error. The reader also refuses an incomplete shard set on its own (no manifest needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from l2e_dist.checkpoint.ds_files import CheckpointFormatError, DeepSpeedCheckpoint, safe_load
+from l2e_dist.checkpoint.io import CheckpointError, find_resume_checkpoint, verify_checkpoint, write_manifest
+from tests.checkpoint_runs import reference_run
+
+SHARD = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, data_cache) -> Path:
+    return reference_run("dp2_zero3", tmp_path_factory.getbasetemp(), data_cache) / "checkpoints"
+
+
+@pytest.fixture
+def ckpt_dir(source, tmp_path) -> Path:
+    """global_step7 and global_step8 (latest) of the reference run."""
+    for tag in ("global_step7", "global_step8"):
+        shutil.copytree(source / tag, tmp_path / tag)
+    (tmp_path / "latest").write_text("global_step8")
+    return tmp_path
+
+
+def _digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_intact_checkpoint_verifies_deeply(ckpt_dir):
+    assert verify_checkpoint(ckpt_dir / "global_step8", deep=True) is None
+    assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step8"
+
+
+def test_truncated_shard_falls_back_to_the_previous_checkpoint(ckpt_dir):
+    before = _digest(ckpt_dir / "global_step7")
+    shard = ckpt_dir / "global_step8" / SHARD
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    assert "truncated" in verify_checkpoint(ckpt_dir / "global_step8")
+    with pytest.warns(UserWarning, match="falling back to global_step7"):
+        assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step7"
+    assert _digest(ckpt_dir / "global_step7") == before
+
+
+def test_missing_shard_is_detected_with_and_without_manifest(ckpt_dir):
+    (ckpt_dir / "global_step8" / SHARD).unlink()
+    assert "is missing" in verify_checkpoint(ckpt_dir / "global_step8")
+    (ckpt_dir / "global_step8" / "manifest.json").unlink()
+    with pytest.raises(CheckpointFormatError, match="missing optimizer shard tp=0 dp=1"):
+        DeepSpeedCheckpoint(ckpt_dir / "global_step8")
+    with pytest.warns(UserWarning, match="falling back to global_step7"):
+        assert find_resume_checkpoint(ckpt_dir) == ckpt_dir / "global_step7"
+
+
+def test_corrupt_latest_pointer_uses_the_newest_intact_checkpoint(ckpt_dir):
+    (ckpt_dir / "latest").write_bytes(b"\xff\x00not a tag")
+    with pytest.warns(UserWarning, match="latest is corrupt"):
+        assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step8"
+    (ckpt_dir / "latest").write_text("global_step99")  # names a checkpoint that does not exist
+    with pytest.warns(UserWarning, match="falling back to global_step8"):
+        assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step8"
+
+
+def test_nothing_intact_is_one_clear_error(ckpt_dir):
+    for tag in ("global_step7", "global_step8"):
+        (ckpt_dir / tag / "manifest.json").write_text("{not json")
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no intact checkpoint .*train.resume=false"):
+        find_resume_checkpoint(ckpt_dir)
+    assert find_resume_checkpoint(ckpt_dir / "empty") is None  # nothing to resume: a fresh start
+
+
+class _RunsCode:
+    """Unpickling it calls open(marker, "w"), i.e. creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_file_that_runs_code_when_unpickled_is_refused_unrun(ckpt_dir, tmp_path):
+    marker = tmp_path / "code-ran"
+    payload = _RunsCode(marker)
+    step8 = ckpt_dir / "global_step8"
+    state = torch.load(step8 / "rank_state_0.pt", weights_only=True)
+    torch.save({**state, "extra": payload}, step8 / "rank_state_0.pt")
+    write_manifest(step8)  # sizes agree: only the content check can catch it
+    problem = verify_checkpoint(step8, deep=True)
+    assert "cannot be loaded safely" in problem and "builtins.open" in problem
+    with pytest.raises(CheckpointFormatError):
+        safe_load(step8 / "rank_state_0.pt")
+    with pytest.warns(UserWarning, match="falling back to global_step7"):
+        assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step7"
+    assert not marker.exists()
+
+
+def test_manifest_lists_every_file_with_its_size(ckpt_dir):
+    step8 = ckpt_dir / "global_step8"
+    files = json.loads((step8 / "manifest.json").read_text())["files"]
+    on_disk = {p.name: p.stat().st_size for p in step8.iterdir() if p.name != "manifest.json"}
+    assert files == on_disk
+    assert {"rank_state_0.pt", "rank_state_1.pt", SHARD} <= set(files)
