@@ -13,9 +13,9 @@ fi
 if ! "$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
   "$PY" -m pip install -q torch==2.13.0
 fi
-if ! "$PY" -c 'import l2e_dist, deepspeed, megatron.core, pytest, ruff' 2>/dev/null \
+if ! "$PY" -c 'import l2e_dist, deepspeed, megatron.core, pytest, ruff, lm_eval' 2>/dev/null \
    || [ pyproject.toml -nt .cache/.installed ]; then
-  "$PY" -m pip install -q -e ".[dev]"
+  "$PY" -m pip install -q -e ".[dev,eval]"
   mkdir -p .cache && touch .cache/.installed
 fi
 # DeepSpeed JIT-compiles a small shared-memory comm op on first use on CPU (~45 s); do it once here so that

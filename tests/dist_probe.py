@@ -33,7 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=0, help="training steps (0: rendezvous check only)")
     parser.add_argument("--output-dir", type=Path, default=None)
-    parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds per step, to leave time to signal")
+    parser.add_argument(
+        "--step-sleep", type=float, default=0.0, help="seconds per step, to leave time to signal"
+    )
     parser.add_argument("--check-every", type=int, default=2)
     parser.add_argument("--dist-timeout-s", type=float, default=300.0)
     parser.add_argument("--watchdog-s", type=float, default=0.0, help="0: no watchdog")
@@ -89,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     loss = torch.zeros(())
     for step in range(start + 1, args.steps + 1):
         if env.rank == args.fail_rank and step == args.fail_step:
-            print(f"probe: rank {env.rank} failing ({args.fail_how}) at step {step} time {time.time():.3f}", flush=True)
+            print(
+                f"probe: rank {env.rank} failing ({args.fail_how}) at step {step} time {time.time():.3f}",
+                flush=True,
+            )
             os.kill(os.getpid(), signal.SIGKILL if args.fail_how == "kill" else signal.SIGSTOP)
         inputs, targets = batch(step, env.rank)
         optimizer.zero_grad()
@@ -120,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             dist.barrier()
             requeued = preemption.requeue()
             if env.rank == 0:
-                print(f"probe: stopped at step {step} on {preemption.received}; requeued={requeued}", flush=True)
+                print(
+                    f"probe: stopped at step {step} on {preemption.received}; requeued={requeued}", flush=True
+                )
             if watchdog:
                 watchdog.stop()
             dist.destroy_process_group()

@@ -103,7 +103,7 @@ def test_a_file_that_runs_code_when_unpickled_is_refused_unrun(ckpt_dir, tmp_pat
     torch.save({**state, "extra": payload}, step8 / "rank_state_0.pt")
     write_manifest(step8)  # sizes agree: only the content check can catch it
     problem = verify_checkpoint(step8, deep=True)
-    assert "cannot be loaded safely" in problem and "builtins.open" in problem
+    assert "cannot be loaded safely" in problem and "'io.open'" in problem
     with pytest.raises(CheckpointFormatError):
         safe_load(step8 / "rank_state_0.pt")
     with pytest.warns(UserWarning, match="falling back to global_step7"):

@@ -108,3 +108,17 @@ def test_fit_recovers_theta_from_noisy_model_curves(axis: str, theta: float, x: 
     noisy = curves[0] + rng.normal(0.0, 0.03, size=x.size)
     fitted = fit_theta(axis, x, noisy, probs, S, R0)
     assert fitted == pytest.approx(theta, rel=0.05)
+
+
+def test_skill_strength_is_the_regression_coefficient_on_the_target() -> None:
+    import torch
+
+    from l2e_dist.emergence.network import skill_strength
+
+    rng = np.random.default_rng(2)
+    target = S * (2 * rng.integers(0, 2, 4000) - 1).astype(np.float64)
+    output = 0.3 * target + 1.7 + rng.normal(0, 2.0, target.size)
+    reference = np.polyfit(target, output, 1)[0]  # least-squares slope of output on target: R_k / S
+    assert skill_strength(torch.tensor(output), torch.tensor(target)) == pytest.approx(reference, rel=1e-9)
+    assert skill_strength(torch.tensor(target + 3.0), torch.tensor(target)) == pytest.approx(1.0)
+    assert skill_strength(torch.full((10,), 2.0), torch.tensor(target[:10])) == pytest.approx(0.0)

@@ -46,8 +46,12 @@ def srun_task_env(**overrides: str) -> dict[str, str]:
 
 def test_torchrun_variables_win_and_are_kept() -> None:
     env = {
-        "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-        "MASTER_ADDR": "host-a", "MASTER_PORT": "29501",
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "host-a",
+        "MASTER_PORT": "29501",
         **srun_task_env(),  # an srun'd deepspeed launcher also leaves Slurm's variables behind
     }
     found = discover_distributed_env(env)
@@ -56,8 +60,14 @@ def test_torchrun_variables_win_and_are_kept() -> None:
 
 
 def test_deepspeed_launcher_local_size_name() -> None:
-    env = {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_SIZE": "2",
-           "MASTER_ADDR": "n1", "MASTER_PORT": "15000"}
+    env = {
+        "RANK": "2",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "0",
+        "LOCAL_SIZE": "2",
+        "MASTER_ADDR": "n1",
+        "MASTER_PORT": "15000",
+    }
     assert discover_distributed_env(env).local_world_size == 2
 
 
@@ -114,7 +124,11 @@ def test_master_cli_for_batch_scripts() -> None:
     env = {**srun_task_env(), "PYTHONPATH": str(REPO)}
     out = subprocess.run(
         [sys.executable, "-m", "l2e_dist.parallel.launch_env", "master"],
-        env=env, capture_output=True, text=True, check=True, cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
     ).stdout.split()
     assert out == ["gpu-01", str(slurm_master_port(4711))]
 
@@ -143,13 +157,23 @@ MPI_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (openmpi-bin) not installed")
 def test_mpirun_ranks_come_from_mpi4py() -> None:
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "SLURM_"))},
-        "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1",
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "SLURM_"))
+        },
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(REPO),
     }
     done = subprocess.run(
         ["mpirun", "-n", "2", "--oversubscribe", sys.executable, "-c", MPI_SCRIPT],
-        env=env, capture_output=True, text=True, timeout=120, cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     found = sorted(re.findall(r"mpi-probe (\d+) (\d+) (\d+) (\w+) (\d+)", done.stdout))

@@ -71,6 +71,10 @@ def test_hostfile_cli_reads_slurm_environment() -> None:
     env = {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "2(x2)", "PYTHONPATH": str(REPO)}
     out = subprocess.run(
         [sys.executable, "-m", "l2e_dist.parallel.hostlist", "hostfile"],
-        env=env, capture_output=True, text=True, check=True, cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
     ).stdout
     assert out == "n1 slots=2\nn2 slots=2\n"

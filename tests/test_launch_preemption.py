@@ -41,7 +41,9 @@ def test_check_every_must_be_positive() -> None:
 
 
 def _agreement_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     handler = PreemptionHandler(check_every=3)
     handler.install()
@@ -55,9 +57,13 @@ def _agreement_worker(rank: int, world_size: int, port: int, out_dir: str) -> No
 
 
 @pytest.mark.slow
-def test_one_rank_signalled_all_ranks_stop_at_the_same_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_rank_signalled_all_ranks_stop_at_the_same_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    mp.start_processes(_agreement_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _agreement_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
     results = [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in range(2)]
     expected = [step in (6, 9) for step in range(1, 10)]  # checks at 3, 6, 9; the signal came at step 4
     assert results == [[None, expected], ["SIGUSR1", expected]]

@@ -31,7 +31,11 @@ def base_env() -> dict[str, str]:
 def run_snippet(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        env=base_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
     )
 
 
@@ -72,13 +76,34 @@ def launch_probe_world(tmp_path: Path, world_size: int, how: str) -> list[subpro
     procs = []
     for rank in range(world_size):
         env = {
-            **base_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            **base_env(),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
         }
         cmd = [
-            sys.executable, "-m", "tests.dist_probe", "--steps", "200", "--step-sleep", "0.05",
-            "--output-dir", str(tmp_path), "--watchdog-s", str(WATCHDOG_S), "--dist-timeout-s", "300",
-            "--fail-rank", str(world_size - 1), "--fail-step", "4", "--fail-how", how,
+            sys.executable,
+            "-m",
+            "tests.dist_probe",
+            "--steps",
+            "200",
+            "--step-sleep",
+            "0.05",
+            "--output-dir",
+            str(tmp_path),
+            "--watchdog-s",
+            str(WATCHDOG_S),
+            "--dist-timeout-s",
+            "300",
+            "--fail-rank",
+            str(world_size - 1),
+            "--fail-step",
+            "4",
+            "--fail-how",
+            how,
         ]
         with open(tmp_path / f"rank{rank}.log", "w") as log:
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))

@@ -17,7 +17,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 STEPS = 12
 WATCHDOG_S = 6
 PROBE = ["--check-every", "2", "--steps", str(STEPS)]
@@ -40,20 +49,29 @@ def slurm():
 
 def sbatch_args(script: str, log: Path, nodes: int, tasks_per_node: int) -> list[str]:
     return [
-        "sbatch", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=1",
-        "--time=10", f"--output={log}", f"--chdir={REPO}",
+        "sbatch",
+        f"--nodes={nodes}",
+        f"--ntasks-per-node={tasks_per_node}",
+        "--cpus-per-task=1",
+        "--time=10",
+        f"--output={log}",
+        f"--chdir={REPO}",
         f"--export=ALL,L2E_MODULE=tests.dist_probe,OMP_NUM_THREADS=1,PYTHONPATH={REPO}",
         str(REPO / "slurm" / script),
     ]
 
 
 def submit(cmd: list[str]) -> str:
-    out = subprocess.run(cmd[:1] + ["--parsable"] + cmd[1:], capture_output=True, text=True, check=True, timeout=30)
+    out = subprocess.run(
+        cmd[:1] + ["--parsable"] + cmd[1:], capture_output=True, text=True, check=True, timeout=30
+    )
     return out.stdout.strip().split(";")[0]
 
 
 def job_fields(job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True
+    )
     return dict(item.split("=", 1) for item in out.stdout.split() if "=" in item)
 
 
@@ -85,7 +103,9 @@ def final_loss(text: str) -> str:
 
 
 def ranks_seen(text: str) -> set[tuple[str, ...]]:
-    return set(re.findall(r"probe: rank (\d+)/(\d+) local (\d+)/(\d+) host (\S+) master (\S+) via (\w+)", text))
+    return set(
+        re.findall(r"probe: rank (\d+)/(\d+) local (\d+)/(\d+) host (\S+) master (\S+) via (\w+)", text)
+    )
 
 
 class ReferenceRun:
@@ -97,7 +117,9 @@ class ReferenceRun:
         cmd = sbatch_args("pretrain.sbatch", self.log_path, nodes=2, tasks_per_node=2)
         self.proc = subprocess.Popen(
             ["timeout", "300", cmd[0], "--wait", *cmd[1:], *PROBE, "--output-dir", str(out / "run")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
     def log(self) -> str:
@@ -150,20 +172,47 @@ def test_srun_script_trains_across_two_nodes(reference_run: ReferenceRun) -> Non
 def launcher_jobs(slurm, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, Path]]:
     """The DeepSpeed-launcher and mpirun jobs, submitted together so they run side by side."""
     ds, ds_usr1, mpi = (tmp_path_factory.mktemp(name) for name in ("deepspeed", "deepspeed-usr1", "mpirun"))
-    ds_job = submit([*sbatch_args("pretrain_deepspeed.sbatch", ds / "job.log", nodes=2, tasks_per_node=1),
-                     "--steps", "3", "--output-dir", str(ds / "run")])
+    ds_job = submit(
+        [
+            *sbatch_args("pretrain_deepspeed.sbatch", ds / "job.log", nodes=2, tasks_per_node=1),
+            "--steps",
+            "3",
+            "--output-dir",
+            str(ds / "run"),
+        ]
+    )
     # Submitted without --requeue: the preempted run must checkpoint, say so, and fail (rank 0 exits 75).
     cmd = sbatch_args("pretrain_deepspeed.sbatch", ds_usr1 / "job.log", nodes=2, tasks_per_node=1)
-    ds_usr1_job = submit([cmd[0], "--no-requeue", *cmd[1:], "--steps", "30", "--step-sleep", "0.5",
-                          *PROBE[:2], "--output-dir", str(ds_usr1 / "run")])
+    ds_usr1_job = submit(
+        [
+            cmd[0],
+            "--no-requeue",
+            *cmd[1:],
+            "--steps",
+            "30",
+            "--step-sleep",
+            "0.5",
+            *PROBE[:2],
+            "--output-dir",
+            str(ds_usr1 / "run"),
+        ]
+    )
     # mpirun starts its daemons with srun (one per node), so SLURM_PROCID there is a node index: rank
     # discovery must take mpi4py's ranks instead.
     probe = f"python -m tests.dist_probe --steps 3 --output-dir {mpi / 'run'}"
-    mpi_job = submit([
-        "sbatch", "--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
-        f"--output={mpi / 'job.log'}", f"--chdir={REPO}", f"--export=ALL,OMP_NUM_THREADS=1,PYTHONPATH={REPO}",
-        f"--wrap=mpirun --allow-run-as-root {probe}",
-    ])
+    mpi_job = submit(
+        [
+            "sbatch",
+            "--nodes=2",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            "--time=10",
+            f"--output={mpi / 'job.log'}",
+            f"--chdir={REPO}",
+            f"--export=ALL,OMP_NUM_THREADS=1,PYTHONPATH={REPO}",
+            f"--wrap=mpirun --allow-run-as-root {probe}",
+        ]
+    )
     return {
         "deepspeed": (ds_job, ds / "job.log"),
         "deepspeed-usr1": (ds_usr1_job, ds_usr1 / "job.log"),
@@ -171,7 +220,9 @@ def launcher_jobs(slurm, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     }
 
 
-def test_usr1_reaches_ranks_through_the_deepspeed_launcher(launcher_jobs: dict[str, tuple[str, Path]]) -> None:
+def test_usr1_reaches_ranks_through_the_deepspeed_launcher(
+    launcher_jobs: dict[str, tuple[str, Path]],
+) -> None:
     job, log = launcher_jobs["deepspeed-usr1"]
     wait_for_line(log, r"probe: step 2 loss", timeout_s=180)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
@@ -192,7 +243,10 @@ def test_deepspeed_launcher_script_runs_without_ssh(launcher_jobs: dict[str, tup
     text = log.read_text()
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), text
     assert "l2e: hostfile: n1 slots=1" in text and "l2e: hostfile: n2 slots=1" in text
-    assert {(r[0], r[1], r[4], r[6]) for r in ranks_seen(text)} == {("0", "2", "n1", "env"), ("1", "2", "n2", "env")}
+    assert {(r[0], r[1], r[4], r[6]) for r in ranks_seen(text)} == {
+        ("0", "2", "n1", "env"),
+        ("1", "2", "n2", "env"),
+    }
     final_loss(text)
 
 
@@ -202,8 +256,12 @@ def test_mpirun_inside_an_allocation(launcher_jobs: dict[str, tuple[str, Path]])
     text = log.read_text()
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), text
     seen = {(r[0], r[1], r[2], r[4], r[6]) for r in ranks_seen(text)}
-    assert seen == {("0", "4", "0", "n1", "mpi"), ("1", "4", "1", "n1", "mpi"),
-                    ("2", "4", "0", "n2", "mpi"), ("3", "4", "1", "n2", "mpi")}
+    assert seen == {
+        ("0", "4", "0", "n1", "mpi"),
+        ("1", "4", "1", "n1", "mpi"),
+        ("2", "4", "0", "n2", "mpi"),
+        ("3", "4", "1", "n2", "mpi"),
+    }
     final_loss(text)
 
 
@@ -213,11 +271,28 @@ def failure_jobs(slurm, tmp_path_factory: pytest.TempPathFactory) -> dict[str, t
     jobs = {}
     for how in ("kill", "stop"):
         out = tmp_path_factory.mktemp(f"fail-{how}")
-        jobs[how] = (submit([
-            *sbatch_args("pretrain.sbatch", out / "job.log", nodes=2, tasks_per_node=1), "--steps", "200",
-            "--step-sleep", "0.05", "--watchdog-s", str(WATCHDOG_S), "--fail-rank", "1", "--fail-step", "3",
-            "--fail-how", how, "--output-dir", str(out / "run"),
-        ]), out / "job.log")
+        jobs[how] = (
+            submit(
+                [
+                    *sbatch_args("pretrain.sbatch", out / "job.log", nodes=2, tasks_per_node=1),
+                    "--steps",
+                    "200",
+                    "--step-sleep",
+                    "0.05",
+                    "--watchdog-s",
+                    str(WATCHDOG_S),
+                    "--fail-rank",
+                    "1",
+                    "--fail-step",
+                    "3",
+                    "--fail-how",
+                    how,
+                    "--output-dir",
+                    str(out / "run"),
+                ]
+            ),
+            out / "job.log",
+        )
     return jobs
 
 

@@ -26,14 +26,12 @@ class ModelLoadError(ValueError):
 
 
 def _hf_model_from_state(state: dict[str, torch.Tensor], config: dict) -> torch.nn.Module:
-    """`GPTNeoXForCausalLM` holding `state` (HF names, Pythia's `embed_out.weight` or transformers 5's
-    `lm_head.weight`)."""
+    """`GPTNeoXForCausalLM` holding `state` (HF names as in Pythia's files: transformers 5 calls the output
+    layer `lm_head`, Pythia `embed_out`)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     model = GPTNeoXForCausalLM(GPTNeoXConfig.from_dict(config))
     renamed = {("lm_head." + k[len("embed_out."):] if k.startswith("embed_out.") else k): v for k, v in state.items()}
-    renamed = {k: v for k, v in renamed.items()
-               if not k.endswith((".inv_freq", ".attention.bias", ".attention.masked_bias"))}
     missing, unexpected = model.load_state_dict(renamed, strict=False)
     if missing or unexpected:
         raise ModelLoadError(f"checkpoint does not match GPTNeoXForCausalLM: missing {missing[:4]}, "

@@ -78,6 +78,7 @@ class _LayerState:
     fkr_ready: bool = False
     # Derived for scoring; rebuilt after every merge and on load.
     inv_denom: Tensor = field(default=None)  # type: ignore[assignment]
+    bound: Tensor = field(default=None)  # type: ignore[assignment]  # tau / inv_denom: phi >= tau <=> (z-mu)^2 >= bound
     best_feature: Tensor = field(default=None)  # type: ignore[assignment]
 
 
@@ -112,28 +113,62 @@ class _Evaluation:
     d: Tensor = None  # type: ignore[assignment]  # z - mu
     d2: Tensor = None  # type: ignore[assignment]
     inv_denom: Tensor | None = None
-    phi: Tensor | None = None
-    thr: Tensor | None = None  # scalar tau, or the k-th score per token [tokens, 1]
-    selected: Tensor | None = None
+    phi: Tensor | None = None  # only where needed: top-k retrieval, calibration, FKR, scores()
+    bound: Tensor | None = None  # threshold retrieval: per-neuron bound on d2 (tau / inv_denom)
+    thr: Tensor | None = None  # top-k retrieval: the k-th score per token [tokens, 1]
+    selected: Tensor | None = None  # bool [tokens, local_width]
+    index: Tensor | None = None  # flat indices of the selected pairs (compact selection only)
+
+
+def _compact_selection(device: torch.device) -> bool:
+    """Work on the selected pairs through an index list (compaction) where that costs no host sync: on the CPU.
+    On an accelerator nonzero() waits for the device, so there the selection stays a dense mask and the
+    regularizer's backward recomputes it (a few element-wise passes, no sync)."""
+    return device.type == "cpu"
+
+
+def _top_values(x: Tensor, k: int) -> Tensor:
+    """The k largest values of each row, [rows, k] (a max-reduction for k = 1, the MEmeL default)."""
+    return x.amax(dim=1, keepdim=True) if k == 1 else x.topk(k, dim=1).values
 
 
 class _SelectedLogSquare(torch.autograd.Function):
-    """value = SUM_selected log((z - mu)^2 + delta); backward recomputes the selection from z (nothing else saved)."""
+    """value = SUM_selected log((z - mu)^2 + delta); backward recomputes the selection from z (z is kept anyway by
+    the next matmul): with threshold retrieval (z - mu)^2 >= bound, with top-k (z - mu)^2 * inv_denom >= thr."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, value: Tensor, mu: Tensor, inv_denom: Tensor, thr: Tensor, delta: float):
-        ctx.save_for_backward(z, mu, inv_denom, thr)
+    def forward(ctx, z: Tensor, value: Tensor, mu: Tensor, bound: Tensor | None, inv_denom: Tensor | None,
+                thr: Tensor | None, delta: float):
+        ctx.save_for_backward(z, mu, bound, inv_denom, thr)
         ctx.delta = delta
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        z, mu, inv_denom, thr = ctx.saved_tensors
-        d = z.reshape(-1, z.shape[-1]).to(mu.dtype) - mu
+        z, mu, bound, inv_denom, thr = ctx.saved_tensors
+        d = z.reshape(-1, z.shape[-1]) - mu
         d2 = d * d
-        selected = d2 * inv_denom >= thr
-        grad = torch.where(selected, 2.0 * d / (d2 + ctx.delta), 0.0) * grad_out
-        return grad.reshape(z.shape).to(z.dtype), None, None, None, None, None
+        selected = d2 >= bound if bound is not None else d2 * inv_denom >= thr
+        grad = torch.where(selected, d.div_(d2.add_(ctx.delta)), 0.0).mul_(2.0 * grad_out)
+        return grad.reshape(z.shape).to(z.dtype), None, None, None, None, None, None
+
+
+class _CompactSelectedLogSquare(torch.autograd.Function):
+    """value = SUM_selected log((z - mu)^2 + delta) given the selected pairs' flat indices and their derivatives
+    coef = 2 (z - mu) / ((z - mu)^2 + delta), computed in the forward: the backward writes only those."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, value: Tensor, index: Tensor, coef: Tensor):
+        ctx.save_for_backward(index, coef)
+        ctx.shape, ctx.dtype = z.shape, z.dtype
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        index, coef = ctx.saved_tensors
+        grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=coef.device)
+        grad.view(-1).index_put_((index,), (coef * grad_out).to(ctx.dtype))
+        return grad, None, None, None
 
 
 class _ReverseDeactivation(torch.autograd.Function):
@@ -240,17 +275,32 @@ class L2EInhibitor:
         slots = self._slots()[layer_id]
         flat = z.reshape(-1, self.local_width)
         tokens = flat.shape[0]
+        regularize = slots.selecting and self.cfg.method == "l2e"
+        compact = regularize and _compact_selection(z.device)
+        need_phi = slots.calibrating or (slots.scoring and self._num_features > 0 and self._features is not None)
         with torch.no_grad():
-            ev = self._evaluate(st, flat, scoring=slots.scoring, selecting=slots.selecting)
-            reg_value = None
-            if slots.selecting and self.cfg.method == "l2e":
-                reg_value = torch.zeros((), dtype=ev.d.dtype, device=z.device) if recompute else \
-                    (ev.d2 + self.cfg.delta).log_().masked_fill_(~ev.selected, 0.0).sum()
+            ev = self._evaluate(st, flat, scoring=slots.scoring, selecting=slots.selecting, need_phi=need_phi,
+                                compact=compact)
             if not recompute:
                 slots.shift_dtype = ev.d.dtype
-                self._record(layer_id, st, slots, ev, reg_value, tokens)
-        if reg_value is not None:
-            term = _SelectedLogSquare.apply(z, reg_value, ev.mu, ev.inv_denom, ev.thr, self.cfg.delta)
+                self._record(layer_id, st, slots, ev, tokens)
+            if compact:
+                d_sel = ev.d.view(-1)[ev.index]
+                shifted = d_sel * d_sel + self.cfg.delta
+                coef = 2.0 * d_sel / shifted
+                reg_value = shifted.log_().sum()
+            elif regularize:  # the last use of d2: shift it in place
+                reg_value = torch.special.xlogy(ev.selected, ev.d2.add_(self.cfg.delta)).sum()
+            if regularize:
+                if recompute:
+                    reg_value = torch.zeros((), dtype=ev.d.dtype, device=z.device)
+                else:
+                    self._buf[slots.scalars(self.num_neurons) + _REG] = reg_value
+        if regularize:
+            if compact:
+                term = _CompactSelectedLogSquare.apply(z, reg_value, ev.index, coef)
+            else:
+                term = _SelectedLogSquare.apply(z, reg_value, ev.mu, ev.bound, ev.inv_denom, ev.thr, self.cfg.delta)
             if not recompute:
                 self._reg_terms[layer_id] = term * self._reg_scale(tokens)
         elif slots.selecting and self.cfg.method == "memel":
@@ -279,7 +329,7 @@ class L2EInhibitor:
         if st.n_merged == 0:
             return None
         with torch.no_grad():
-            ev = self._evaluate(st, z.reshape(-1, self.local_width), scoring=True, selecting=False)
+            ev = self._evaluate(st, z.reshape(-1, self.local_width), scoring=True, selecting=False, need_phi=True)
         return ev.phi.reshape(z.shape)
 
     def regularization_loss(self) -> Tensor:
@@ -376,8 +426,9 @@ class L2EInhibitor:
         return st
 
     def _refresh_derived(self, st: _LayerState) -> None:
-        denom = st.var + self.cfg.eps * st.var.mean()
-        st.inv_denom = 1.0 / denom.clamp_min(_MIN_DENOM)
+        denom = (st.var + self.cfg.eps * st.var.mean()).clamp_min(_MIN_DENOM)
+        st.inv_denom = 1.0 / denom
+        st.bound = st.tau * denom
         if self._num_features:
             mean_score = st.feat_score / st.feat_count.clamp_min(1.0)[:, None]
             mean_score = torch.where(st.feat_count[:, None] > 0, mean_score, -math.inf)
@@ -414,29 +465,40 @@ class L2EInhibitor:
         calibrating = scoring and self.cfg.uses_threshold and not st.tau_ready
         return scoring, calibrating, scoring and not calibrating
 
-    def _evaluate(self, st: _LayerState, flat: Tensor, *, scoring: bool, selecting: bool) -> _Evaluation:
-        """Deviations, scores and selection of activations `flat` [tokens, local_width] (element-wise, no sync)."""
+    def _evaluate(self, st: _LayerState, flat: Tensor, *, scoring: bool, selecting: bool, need_phi: bool = False,
+                  compact: bool = False) -> _Evaluation:
+        """Deviations, scores and selection of activations `flat` [tokens, local_width] (element-wise, no sync).
+
+        Threshold retrieval compares (z - mu)^2 with the per-neuron bound tau / inv_denom, so the scores phi
+        themselves are only materialised where they are needed (`need_phi`, top-k retrieval)."""
         cdt = torch.float64 if flat.dtype == torch.float64 else torch.float32
         ev = _Evaluation(mu=st.mean[self._lo:self._hi].to(cdt))
-        ev.d = flat.to(cdt) - ev.mu
+        ev.d = flat - ev.mu  # promotes bf16/fp16 activations to fp32 in the same pass
         ev.d2 = ev.d * ev.d
         if scoring:
             ev.inv_denom = st.inv_denom[self._lo:self._hi].to(cdt)
-            ev.phi = ev.d2 * ev.inv_denom
+            if need_phi or not self.cfg.uses_threshold:
+                ev.phi = ev.d2 * ev.inv_denom
         if selecting:
-            ev.thr = st.tau.to(cdt) if self.cfg.uses_threshold else self._kth_score_per_token(ev.phi)
-            ev.selected = ev.phi >= ev.thr
+            if self.cfg.uses_threshold:
+                ev.bound = st.bound[self._lo:self._hi].to(cdt)
+                ev.selected = ev.d2 >= ev.bound
+            else:
+                ev.thr = self._kth_score_per_token(ev.phi)
+                ev.selected = ev.phi >= ev.thr
+            if compact:
+                ev.index = ev.selected.view(-1).nonzero().squeeze(1)
         return ev
 
     def _kth_score_per_token(self, phi: Tensor) -> Tensor:
         """k-th largest score of each token over the full layer, shape [tokens, 1]."""
         k = min(self.cfg.topk, self.num_neurons)
-        top = phi.topk(min(k, self.local_width), dim=1).values
+        top = _top_values(phi, min(k, self.local_width))
         if self.tp_size > 1:
             parts = [torch.empty_like(top) for _ in range(self.tp_size)]
             dist.all_gather(parts, top.contiguous(), group=self.tp_group)
             self.collective_count += 1
-            top = torch.cat(parts, dim=1).topk(k, dim=1).values
+            top = _top_values(torch.cat(parts, dim=1), k)
         return top[:, k - 1:k]
 
     def _reg_scale(self, local_tokens: int) -> float:
@@ -444,26 +506,25 @@ class L2EInhibitor:
             return self.cfg.reg_lambda * self.dp_size * self.micro_batches_per_step
         return self.cfg.reg_lambda / max(local_tokens, 1)
 
-    def _record(self, layer_id: int, st: _LayerState, slots: _Slots, ev: _Evaluation, reg_value: Tensor | None,
-                tokens: int) -> None:
-        """Write this rank's local sums into the fused buffer (device ops only)."""
+    def _record(self, layer_id: int, st: _LayerState, slots: _Slots, ev: _Evaluation, tokens: int) -> None:
+        """Write this rank's local sums into the fused buffer (device ops only; the regularizer value is written
+        by apply())."""
         width, lo, hi, buf = self.num_neurons, self._lo, self._hi, self._buf
-        d, d2, phi, selected = ev.d, ev.d2, ev.phi, ev.selected
-        buf[slots.s1 + lo:slots.s1 + hi] = d.sum(0)
-        buf[slots.s2(width) + lo:slots.s2(width) + hi] = d2.sum(0)
+        selected = ev.selected
+        buf[slots.s1 + lo:slots.s1 + hi] = ev.d.sum(0)
+        d2_sum = ev.d2.sum(0)
+        buf[slots.s2(width) + lo:slots.s2(width) + hi] = d2_sum
         sc = slots.scalars(width)
         if self.tp_rank == 0:
             buf[sc + _COUNT] = tokens
         if selected is not None:
-            buf[sc + _NSEL] = selected.sum()
-        if reg_value is not None:
-            buf[sc + _REG] = reg_value
-        if phi is not None:
-            buf[sc + _SCORE] = phi.sum()
+            buf[sc + _NSEL] = ev.index.numel() if ev.index is not None else selected.sum()
+        if ev.inv_denom is not None:  # scoring: SUM phi = SUM_j inv_denom_j * SUM_tokens d2
+            buf[sc + _SCORE] = (d2_sum * ev.inv_denom).sum()
         if slots.calibrating:
-            buf[slots.hist:slots.hist + HIST_BINS] = _hist_counts(phi)
-        if self._num_features and phi is not None and self._features is not None:
-            self._record_features(st, slots, phi, selected, tokens)
+            buf[slots.hist:slots.hist + HIST_BINS] = _hist_counts(ev.phi)
+        if self._num_features and ev.inv_denom is not None and self._features is not None:
+            self._record_features(st, slots, ev.phi, selected, tokens)
         self._recorded.add(layer_id)
 
     def _record_features(self, st: _LayerState, slots: _Slots, phi: Tensor, selected: Tensor | None,

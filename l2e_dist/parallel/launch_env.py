@@ -102,14 +102,18 @@ def slurm_master(environ: Mapping[str, str] | None = None) -> tuple[str, int]:
     if not nodelist or "SLURM_JOB_ID" not in env:
         raise LaunchError("not inside a Slurm job (SLURM_JOB_ID / SLURM_JOB_NODELIST unset)")
     addr = env.get("MASTER_ADDR") or expand_hostlist(nodelist)[0]
-    port = _int(env, "MASTER_PORT") if env.get("MASTER_PORT") else slurm_master_port(_int(env, "SLURM_JOB_ID"))
+    port = (
+        _int(env, "MASTER_PORT") if env.get("MASTER_PORT") else slurm_master_port(_int(env, "SLURM_JOB_ID"))
+    )
     return addr, port
 
 
 def _from_launcher_env(env: Mapping[str, str]) -> DistEnv:
     rank, world_size = _int(env, "RANK"), _int(env, "WORLD_SIZE")
     if "LOCAL_RANK" not in env:
-        raise LaunchError("RANK and WORLD_SIZE are set but LOCAL_RANK is not; set it (torchrun and deepspeed do)")
+        raise LaunchError(
+            "RANK and WORLD_SIZE are set but LOCAL_RANK is not; set it (torchrun and deepspeed do)"
+        )
     if world_size > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
         raise LaunchError("RANK/WORLD_SIZE are set but MASTER_ADDR/MASTER_PORT are not; set both")
     local_size_var = next((v for v in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if v in env), None)
@@ -175,9 +179,7 @@ def _mpi_launcher_size(env: Mapping[str, str]) -> int | None:
     return next((_int(env, name) for name in _MPI_SIZE_VARS if name in env), None)
 
 
-def discover_distributed_env(
-    environ: MutableMapping[str, str] | None = None, export: bool = True
-) -> DistEnv:
+def discover_distributed_env(environ: MutableMapping[str, str] | None = None, export: bool = True) -> DistEnv:
     """Rank/world/master for this process (see module docstring for the order) and export them."""
     env = os.environ if environ is None else environ
     mpi_size = _mpi_launcher_size(env)
