@@ -8,6 +8,7 @@ Checks that only one section can do are in each section's `validate()`; checks t
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,12 +22,17 @@ from l2e_dist.model.config import ModelConfig
 class ParallelConfig:
     tensor_parallel: int = 1
     dist_timeout_s: float = 600.0  # a rank waiting longer than this on a collective fails the job
+    # A rank whose training loop shows no progress for this long exits non-zero, naming the silent peer
+    # (a dead or hung rank otherwise leaves the others blocked). 0 disables the watchdog.
+    watchdog_timeout_s: float = 900.0
 
     def validate(self) -> None:
         if self.tensor_parallel < 1:
             raise ConfigError("tensor_parallel", f"must be >= 1, got {self.tensor_parallel}")
         if self.dist_timeout_s <= 0:
             raise ConfigError("dist_timeout_s", "must be > 0")
+        if self.watchdog_timeout_s < 0:
+            raise ConfigError("watchdog_timeout_s", "must be >= 0 (0 disables the watchdog)")
 
 
 @dataclass
@@ -86,10 +92,26 @@ class TrainConfig:
     keep_last_n: int = 3  # checkpoints kept on disk (0 keeps all)
     output_dir: str = "runs/default"
     resume: bool = True  # continue from output_dir/checkpoints/latest when present
-    init_from: str | None = None  # weights of a checkpoint / HF dir / l2e-convert from-hf output; fresh optimizer
+    # Scheduler signals (Slurm: #SBATCH --signal=USR1@<s>) make every rank finish the step, checkpoint and
+    # stop (rank 0 requeues a requeueable Slurm job). Ranks agree every `preempt_check_every` steps.
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    preempt_check_every: int = 10
+    init_from: str | None = (
+        None  # weights of a checkpoint / HF dir / l2e-convert from-hf output; fresh optimizer
+    )
 
     def validate(self) -> None:
-        for key in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters", "log_interval"):
+        for name in self.preempt_signals:
+            if name not in signal.Signals.__members__:
+                raise ConfigError("preempt_signals", f"unknown signal {name!r} (e.g. SIGUSR1, SIGTERM)")
+        for key in (
+            "seq_length",
+            "micro_batch_size",
+            "global_batch_size",
+            "train_iters",
+            "log_interval",
+            "preempt_check_every",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("eval_interval", "eval_iters", "save_interval", "keep_last_n"):
@@ -109,7 +131,9 @@ class LoggingConfig:
     wandb_project: str = "l2e-dist"
     wandb_mode: Literal["online", "offline"] = "offline"
     progress_bar: bool = True
-    histogram_size: int = 65536  # held-out L2E scores per layer kept for the TensorBoard histogram at each eval
+    histogram_size: int = (
+        65536  # held-out L2E scores per layer kept for the TensorBoard histogram at each eval
+    )
 
     def validate(self) -> None:
         if self.histogram_size < 0:

@@ -43,12 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     from l2e_dist.training.trainer import pretrain
 
     try:
-        pretrain(cfg)
+        result = pretrain(cfg)
     except ConfigError as exc:  # checks that need the launched world size
         print(f"l2e-pretrain: {exc}", file=sys.stderr)
         return 2
     finally:
         destroy_process_groups()
+    if result.stopped_by_signal and not result.requeued:
+        return 75  # EX_TEMPFAIL: stopped early with a checkpoint; run the same command again to resume
     return 0
 
 

@@ -44,6 +44,7 @@ def init_process_groups(tensor_parallel: int, timeout_s: float = 600.0) -> Paral
         from l2e_dist.parallel.launch_env import discover_distributed_env
 
         env = discover_distributed_env()
+        print(f"l2e-dist: {env.describe()}", flush=True)
         device = default_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)

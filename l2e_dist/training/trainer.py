@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import resource
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from l2e_dist.parallel.state import (
 )
 from l2e_dist.training.metrics import MetricsLogger
 from l2e_dist.training.optim import build_optimizer, build_scheduler, deepspeed_config
+from l2e_dist.training.preemption import PreemptionHandler, start_watchdog
 
 # Peak dense bf16/fp16 TFLOP/s per device, for the MFU estimate (None: unknown, MFU not reported).
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "V100": 125.0, "L4": 121.0}
@@ -46,6 +48,8 @@ class TrainResult:
     final_loss: float
     losses: list[float]
     output_dir: str
+    stopped_by_signal: str | None = None  # e.g. "SIGUSR1" when a scheduler signal ended the run early
+    requeued: bool = False
     l2e_state: dict | None = None  # the inhibitor's final statistics and thresholds (identical on every rank)
     valid_metrics: dict[str, float] | None = None  # the last validation pass
 
@@ -108,7 +112,15 @@ def _set_training(engine, inhibitor: L2EInhibitor | None, training: bool) -> Non
 
 @torch.no_grad()
 def evaluate(
-    engine, model: GPTNeoX, inhibitor, valid_set, cfg: RunConfig, layout: ParallelLayout, device, logger=None, step=0
+    engine,
+    model: GPTNeoX,
+    inhibitor,
+    valid_set,
+    cfg: RunConfig,
+    layout: ParallelLayout,
+    device,
+    logger=None,
+    step=0,
 ) -> dict[str, float]:
     """Validation LM loss over `eval_iters` global batches (always the same batches) and, with L2E, the
     held-out fraction of (token, neuron) pairs of each inhibited layer scoring >= l2e.eval_reference_score."""
@@ -116,7 +128,9 @@ def evaluate(
     meter = None
     if inhibitor is not None:
         probes = model.mlp_probes(cfg.l2e.activation)
-        meter = ScoreMeter(inhibitor, probes, cfg.l2e.eval_reference_score, sample_size=cfg.logging.histogram_size)
+        meter = ScoreMeter(
+            inhibitor, probes, cfg.l2e.eval_reference_score, sample_size=cfg.logging.histogram_size
+        )
     total = torch.zeros(2, dtype=torch.float64, device=device)
     batches = global_batch_iterator(
         valid_set,
@@ -139,7 +153,9 @@ def evaluate(
         if logger is not None:
             for layer, kept in meter.samples.items():
                 if kept:  # this rank's held-out scores (log10) of the layer: the tail L2E acts on
-                    logger.histogram(f"valid/l2e/layer{layer}/log10_score", torch.cat(kept).clamp_min(1e-12).log10(), step)
+                    logger.histogram(
+                        f"valid/l2e/layer{layer}/log10_score", torch.cat(kept).clamp_min(1e-12).log10(), step
+                    )
         if layout.world_size > 1:
             dist.all_reduce(meter.counts, group=tensor_and_data_parallel_group())
         for (above, seen), layer in zip(meter.counts.tolist(), meter.layer_ids):
@@ -150,6 +166,9 @@ def evaluate(
 
 
 def pretrain(cfg: RunConfig) -> TrainResult:
+    preempt = PreemptionHandler(tuple(cfg.train.preempt_signals), check_every=cfg.train.preempt_check_every)
+    if threading.current_thread() is threading.main_thread():
+        preempt.install()  # first: a signal before this would kill the process without a checkpoint
     layout = init_process_groups(cfg.parallel.tensor_parallel, cfg.parallel.dist_timeout_s)
     dp_size = validate_world(cfg, layout.world_size)
     gas = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
@@ -159,7 +178,9 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     datasets = _prepare_data(cfg, layout)
     if cfg.l2e.fkr and cfg.l2e.num_features == 0:
         if not datasets.feature_names:
-            raise ValueError("l2e.fkr needs feature labels, but the data has no label sidecar: set l2e.fkr=false")
+            raise ValueError(
+                "l2e.fkr needs feature labels, but the data has no label sidecar: set l2e.fkr=false"
+            )
         cfg.l2e.num_features = len(datasets.feature_names)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = datasets.vocab_size
@@ -187,6 +208,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         mpu=DeepSpeedMpu(),
     )
 
+    watchdog = start_watchdog(cfg.parallel.watchdog_timeout_s) if cfg.parallel.watchdog_timeout_s else None
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     start_step = resume(engine, cfg, ckpt_dir, inhibitor) if cfg.train.resume else 0
@@ -227,6 +249,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     )
     losses: list[float] = []
     valid_metrics: dict[str, float] | None = None
+    stop, requeued = False, False
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     steps_since_log, t_last = 0, time.perf_counter()
     step = start_step
@@ -275,27 +298,55 @@ def pretrain(cfg: RunConfig) -> TrainResult:
             loss_sum.zero_()
             steps_since_log, t_last = 0, time.perf_counter()
         logger.advance(1)
+        if watchdog is not None:
+            watchdog.heartbeat(step)
 
         if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.train_iters):
-            valid_metrics = evaluate(engine, model, inhibitor, datasets.valid, cfg, layout, device, logger, step)
+            _allow_slow_phase(watchdog, step, "eval")
+            valid_metrics = evaluate(
+                engine, model, inhibitor, datasets.valid, cfg, layout, device, logger, step
+            )
             logger.log(step, valid_metrics)
-        if cfg.train.save_interval and step % cfg.train.save_interval == 0 and step != cfg.train.train_iters:
-            _save(engine, inhibitor, ckpt_dir, step, cfg)
+        stop = preempt.should_stop(step=step)
+        if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or stop:
+            if step != cfg.train.train_iters:
+                _allow_slow_phase(watchdog, step, "checkpoint")
+                _save(engine, inhibitor, ckpt_dir, step, cfg)
+        if stop:
+            requeued = preempt.requeue()
+            if is_rank0:
+                print(
+                    f"stopped at step {step} on {preempt.received or 'a peer signal'}; requeued={requeued}",
+                    flush=True,
+                )
+            break
 
-    if step > start_step:
+    if step > start_step and step == cfg.train.train_iters:
+        _allow_slow_phase(watchdog, step, "checkpoint")
         _save(engine, inhibitor, ckpt_dir, step, cfg)
+    if watchdog is not None:
+        watchdog.stop()
     final_loss = losses[-1] if losses else float("nan")
-    if is_rank0:
-        print(f"final step {step} final loss {final_loss:.6f}", flush=True)
+    if is_rank0 and not stop:
+        print(f"final step {step}", flush=True)
+        print(f"final loss {final_loss:.6f}", flush=True)
     logger.close()
     return TrainResult(
         final_step=step,
         final_loss=final_loss,
         losses=losses,
         output_dir=str(out_dir),
+        stopped_by_signal=(preempt.received or "peer") if stop else None,
+        requeued=requeued,
         l2e_state=inhibitor.state_dict() if inhibitor is not None else None,
         valid_metrics=valid_metrics,
     )
+
+
+def _allow_slow_phase(watchdog, step: int, phase: str) -> None:
+    """Evaluation and checkpoint writes may legitimately take longer than a step: give them 4x the timeout."""
+    if watchdog is not None:
+        watchdog.heartbeat(step, phase=phase, allow_s=4 * watchdog.timeout_s)
 
 
 def _save(engine, inhibitor, ckpt_dir: Path, step: int, cfg: RunConfig) -> None:
