@@ -45,7 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from l2e_dist.config_utils import ConfigError
-    from l2e_dist.parallel.state import destroy_process_groups
     from l2e_dist.training.bench import BenchSettings, format_table, run_benchmark, write_report
 
     settings = BenchSettings(
@@ -68,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"l2e-bench: {exc}", file=sys.stderr)
         return 2
-    finally:
-        destroy_process_groups()
     write_report(report, args.out)
     print(format_table(report))
     print(f"wrote {args.out}")

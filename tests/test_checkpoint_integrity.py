@@ -117,3 +117,25 @@ def test_manifest_lists_every_file_with_its_size(ckpt_dir):
     on_disk = {p.name: p.stat().st_size for p in step8.iterdir() if p.name != "manifest.json"}
     assert files == on_disk
     assert {"rank_state_0.pt", "rank_state_1.pt", SHARD} <= set(files)
+
+
+def test_resume_refuses_another_model_or_data_position(source):
+    from l2e_dist.checkpoint.io import check_resumable
+    from l2e_dist.config import load_config
+    from tests.conftest import ROOT
+
+    saved = DeepSpeedCheckpoint(source / "global_step8").client_state["config"]
+
+    def config(**changes):
+        cfg = load_config([str(ROOT / "configs" / "tiny.yaml")], [f"{k}={v}" for k, v in changes.items()])
+        cfg.model.vocab_size = 3000  # as the trainer resolves it from the tokenizer
+        return cfg
+
+    same = {f"model.{k}": saved["model"][k] for k in ("num_layers", "hidden_size", "num_attention_heads")}
+    same.update({f"train.{k}": saved["train"][k] for k in ("global_batch_size", "micro_batch_size", "seq_length")})
+    same["model.max_position_embeddings"] = saved["model"]["max_position_embeddings"]
+    check_resumable(saved, config(**same, **{"parallel.tensor_parallel": 2, "deepspeed.zero_stage": 1}))
+    with pytest.raises(CheckpointError, match="another model .model.hidden_size: checkpoint 64, config 128"):
+        check_resumable(saved, config(**{**same, "model.hidden_size": 128}))
+    with pytest.raises(CheckpointError, match="train.global_batch_size=8 but the config has 16"):
+        check_resumable(saved, config(**{**same, "train.global_batch_size": 16}))

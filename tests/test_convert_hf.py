@@ -3,7 +3,8 @@
 logits come from weights read independently of our reader: DeepSpeed's own per-TP-rank module files, and
 DeepSpeed's zero_to_fp32 for ZeRO-3. The exported tokenizer encodes like the run's SentencePiece model.
 HF -> ours (TP=2) -> HF reproduces every tensor exactly, and `train.init_from`'s loader puts those weights
-into a TP=2 model that matches transformers' logits."""
+into a TP=2 model that matches transformers' logits. End to end, a run started with `train.init_from` on an
+imported checkpoint logs as its first loss transformers' loss of the exported model on that global batch."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from tests.checkpoint_runs import LAYOUTS, STEPS, reference_run
+from tests.conftest import ROOT, pretrain_losses, small_run_overrides
 from tests.distributed import run_distributed
 
 TOKENS = torch.randint(0, 3000, (2, 24), generator=torch.Generator().manual_seed(7))
@@ -173,3 +175,28 @@ def test_hf_to_ours_tp2_to_hf_round_trip_is_exact(converted):
 def test_init_from_weights_give_transformers_logits(converted):
     diff = (converted["ours"]["imported"] - converted["hf_logits"]).abs().max().item()
     assert diff < 1e-4
+
+
+def test_training_starts_from_an_imported_checkpoint(converted, tmp_path, data_cache):
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from l2e_dist.checkpoint.convert import import_hf
+    from l2e_dist.config import load_config
+    from l2e_dist.data import build_datasets, global_batch_iterator
+
+    hf_dir = converted["exports"]["tp2_zero1"]  # the TP=2 run's final weights, as an HF directory
+    imported = import_hf(hf_dir, tmp_path / "imported-tp2", tp=2)
+    overrides = small_run_overrides(tmp_path / "run", data_cache, **{"train.train_iters": 1, "train.init_from": imported})
+    first_loss = run_distributed(pretrain_losses, 1, overrides)[0][0]  # logged before the first update
+
+    cfg = load_config([str(ROOT / "configs" / "tiny.yaml")], overrides)
+    train = build_datasets(cfg.data, cfg.train.seq_length, cfg.train.seed).train
+    batch = next(global_batch_iterator(train, global_batch_size=cfg.train.global_batch_size,
+                                       micro_batch_size=cfg.train.global_batch_size, dp_rank=0, dp_size=1,
+                                       seed=cfg.train.seed))[0]["tokens"]
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(hf_dir)(batch[:, :-1]).logits
+    expected = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
+    assert abs(first_loss - expected) < 1e-5 * expected
+    assert first_loss < 8.0  # trained weights, not a fresh initialisation (~8.3)

@@ -260,10 +260,10 @@ def _copy_hf_tokenizer(source: Path, out: Path) -> bool:
 
 def _export_tokenizer(source: WeightSource, out: Path) -> dict | None:
     """tokenizer.json + tokenizer_config.json (generic PreTrainedTokenizerFast) when the tokenizer is known."""
-    path = run_tokenizer_file(source.run_config) if source.run_config else None
+    path = run_tokenizer_file(source.run_config)
     if path is None:
         carried = source.path if source.checkpoint is None else source.checkpoint_dir / IMPORTED_TOKENIZER_DIR
-        if not _copy_hf_tokenizer(carried, out) and source.checkpoint is not None:
+        if not _copy_hf_tokenizer(carried, out) and "data" in source.run_config:
             warnings.warn("the run's tokenizer was not found (data.tokenizer / data cache): exporting the model "
                           "without tokenizer files", stacklevel=3)
         return None
@@ -324,22 +324,30 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tp: int) -> Path:
     return out_dir
 
 
+def architecture(cfg: ModelConfig) -> dict[str, Any]:
+    """The fields that define the weights and the function (resolved: intermediate_size None = 4h)."""
+    return {
+        "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
+        "intermediate_size": cfg.ffn_size, "rotary_pct": cfg.rotary_pct, "rotary_base": cfg.rotary_base,
+        "layernorm_eps": cfg.layernorm_eps, "gelu_approximate": cfg.gelu_approximate,
+        "use_parallel_residual": cfg.use_parallel_residual,
+    }  # fmt: skip
+
+
+def architecture_mismatch(saved: ModelConfig, current: ModelConfig) -> str:
+    """'' when both configs describe the same architecture, else which fields differ."""
+    before, now = architecture(saved), architecture(current)
+    return ", ".join(f"model.{k}: checkpoint {before[k]!r}, config {now[k]!r}" for k in before if before[k] != now[k])
+
+
 def load_init_weights(model: torch.nn.Module, path: str | Path, tp_rank: int, tp_size: int) -> None:
     """`train.init_from`: copy the weights of a checkpoint or HF directory into this TP rank's (not yet
     DeepSpeed-wrapped) model; the optimizer starts fresh. The architectures must match."""
     source = WeightSource(path)
     ours = model.cfg
-    mismatched = [
-        f.name
-        for f in fields(ModelConfig)
-        if f.name not in ("vocab_size", "make_vocab_size_divisible_by", "init_method", "output_layer_init_method",
-                          "init_std", "max_position_embeddings")
-        and getattr(ours, f.name) != getattr(source.model_config, f.name)
-    ]
-    if mismatched:
-        detail = ", ".join(f"model.{k}: checkpoint {getattr(source.model_config, k)!r}, config {getattr(ours, k)!r}"
-                           for k in mismatched)
-        raise CheckpointError(f"train.init_from={path} has another architecture ({detail}): use its model config")
+    mismatch = architecture_mismatch(source.model_config, ours)
+    if mismatch:
+        raise CheckpointError(f"train.init_from={path} has another architecture ({mismatch}): use its model config")
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(source.names))
     if missing:

@@ -265,23 +265,22 @@ def checkpoint_layout(source) -> dict[str, Any]:
     }
 
 
-_NOT_ARCHITECTURE = {
-    "make_vocab_size_divisible_by", "init_method", "output_layer_init_method", "init_std", "max_position_embeddings"
-}
-
-
 def check_resumable(saved: dict, cfg) -> None:
-    """Refuse, in one line, a resume that cannot continue the saved run: another architecture, or another
-    global batch / sequence length (the data position and LR schedule are counted in steps of those)."""
-    from dataclasses import asdict
+    """Refuse, in one line, a resume that cannot continue the saved run: another architecture or vocabulary, or
+    another global batch / sequence length (the data position and LR schedule are counted in steps of those)."""
+    from l2e_dist.checkpoint.convert import architecture_mismatch
+    from l2e_dist.config_utils import build
+    from l2e_dist.model.config import ModelConfig
 
-    saved_model = saved.get("model") or {}
-    for key, value in asdict(cfg.model).items():
-        if key not in _NOT_ARCHITECTURE and key in saved_model and saved_model[key] != value:
-            raise CheckpointError(
-                f"the checkpoint was trained with model.{key}={saved_model[key]!r} but the config has {value!r}: "
-                "resume with the same model section, or use a new train.output_dir (train.init_from for weights)"
-            )
+    saved_model = build(ModelConfig, saved.get("model") or {}, "model")
+    mismatch = architecture_mismatch(saved_model, cfg.model)
+    if saved_model.vocab_size != cfg.model.vocab_size:
+        mismatch = f"model.vocab_size: checkpoint {saved_model.vocab_size}, config {cfg.model.vocab_size}"
+    if mismatch:
+        raise CheckpointError(
+            f"the checkpoint holds another model ({mismatch}): resume with the same model section, or use a new "
+            "train.output_dir (with train.init_from for its weights)"
+        )
     saved_train = saved.get("train") or {}
     for key in ("global_batch_size", "seq_length"):
         if key in saved_train and saved_train[key] != getattr(cfg.train, key):

@@ -68,9 +68,11 @@ class DataAxisConfig(TrainSettings):
     """
 
     width: int = 128
-    sizes: list[int] = field(default_factory=lambda: [50, 100, 200, 400, 800, 1600, 3200])
+    sizes: list[int] = field(default_factory=lambda: [100, 200, 400, 800, 1600, 3200, 6400])
     batch_size: int = 100_000
     init_std: float = 0.001
+    steps: int = 5000  # at 16 bits, one repeat: skills 1-4 emerged in order (theta_D ~ 240); noisy, use repeats
+    eval_every: int = 1000  # only the final measurement enters the data axis
 
     def validate(self) -> None:
         super().validate()
@@ -83,9 +85,13 @@ class DataAxisConfig(TrainSettings):
 class WidthAxisConfig(TrainSettings):
     """Width axis: one network per hidden width N, trained on fresh samples; R_k/S measured at the end."""
 
-    widths: list[int] = field(default_factory=lambda: [2, 4, 8, 12, 16, 24, 32, 48])
+    widths: list[int] = field(default_factory=lambda: [2, 4, 6, 8, 10, 12, 16, 20, 24, 32])
     optimizer: Literal["sgd", "adam"] = "adam"
     init_std: float = 0.05
+    # Nam et al. use Adam lr 0.05 (configs/emergence/paper_width.yaml). At this small scale (16 bits, one
+    # repeat) lr 0.01 for 8000 steps gave cleaner curves than lr 0.05 for 3000 steps; still noisy: use repeats.
+    lr: float = 0.01
+    eval_every: int = 1000  # only the final measurement enters the width axis
 
     def validate(self) -> None:
         super().validate()

@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+AXIS_LETTER = {"time": "T", "data": "D", "width": "N"}
+
 
 def plot_axis(axis: str, data: dict[str, Any], path: Path) -> None:
     """Write one PNG for one axis of a sweep summary (sweep.summarize_axis's dict)."""
@@ -31,7 +33,7 @@ def plot_axis(axis: str, data: dict[str, Any], path: Path) -> None:
             panel.set_xscale("log")
         panel.axhline(0.5, color="grey", linewidth=0.5)
         panel.set_xlabel(data["x_label"])
-        panel.set_title(f"{method}: theta_{axis[0].upper()} = {result['theta']:.3g}")
+        panel.set_title(f"{method}: theta_{AXIS_LETTER[axis]} = {result['theta']:.3g}")
         panel.grid(alpha=0.3)
     panels[0][0].set_ylabel("R_k / S")
     panels[0][-1].legend(fontsize=7, ncol=2, loc="lower right")

@@ -25,10 +25,13 @@ def power_law_probs(n_tasks: int, alpha: float) -> np.ndarray:
 
 @dataclass
 class TaskConfig:
-    """The task family. Nam et al.: 5 tasks, 32 bits, 3-bit parities on disjoint bits, alpha 0.6, S 5."""
+    """The task family. Nam et al.: 5 tasks, 32 bits, 3-bit parities on disjoint bits, alpha 0.6, S 5.
+
+    The default is that family with 16 bits (the CI-sized testbed; configs/emergence/paper_*.yaml set 32).
+    """
 
     n_tasks: int = 5
-    n_bits: int = 32
+    n_bits: int = 16
     k_sparse: int = 3
     alpha: float = 0.6
     scale: float = 5.0

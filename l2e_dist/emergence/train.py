@@ -41,9 +41,8 @@ def run_seeds(base_seed: int, repeat: int) -> tuple[int, int, int]:
     return int(state[0]), int(state[1]), int(state[2])
 
 
-def _evaluate(
-    model: SkillMLP, eval_batches: list[Batch], probs: np.ndarray, scale: float
-) -> tuple[list[float], float]:
+def _evaluate(model: SkillMLP, eval_batches: list[Batch], probs: np.ndarray) -> tuple[list[float], float]:
+    """R_k/S per skill and the P_s-weighted MSE on the held-out per-skill samples."""
     strengths, loss = [], 0.0
     with torch.no_grad():
         for k, batch in enumerate(eval_batches):
@@ -86,11 +85,11 @@ def train_run(cfg: EmergenceConfig, spec: RunSpec) -> RunRecord:
         if step % settings.eval_every == 0 or step == settings.steps:
             if inhibitor is not None:
                 inhibitor.eval()
-            strengths, loss = _evaluate(model, eval_batches, tasks.probs, cfg.task.scale)
+            strengths, test_loss = _evaluate(model, eval_batches, tasks.probs)
             steps.append(step)
             times.append(elapsed_lr)
             curves.append(strengths)
-            losses.append(loss)
+            losses.append(test_loss)
             if inhibitor is not None:
                 metrics.append(inhibitor.metrics())
                 inhibitor.train()

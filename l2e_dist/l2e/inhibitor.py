@@ -239,6 +239,9 @@ class L2EInhibitor:
         self._num_features = cfg.num_features if cfg.fkr else 0
         self._layers = {lid: self._fresh_state() for lid in self.layer_ids}
         self._metric_acc = torch.zeros(len(self.layer_ids), _NUM_METRICS, dtype=torch.float64, device=self.device)
+        # Compact selection (CPU) reuses these [tokens, width] buffers for z - mu, its square and the mask: fresh
+        # multi-MB temporaries on every call cost page faults there. Nothing that outlives apply() points into them.
+        self._scratch: dict[tuple[str, torch.dtype], Tensor] = {}
         self._reset_micro_batch()
 
     # ------------------------------------------------------------------ public API
@@ -285,7 +288,7 @@ class L2EInhibitor:
                 slots.shift_dtype = ev.d.dtype
                 self._record(layer_id, st, slots, ev, tokens)
             if compact:
-                d_sel = ev.d.view(-1)[ev.index]
+                d_sel = ev.d.view(-1).index_select(0, ev.index)
                 shifted = d_sel * d_sel + self.cfg.delta
                 coef = 2.0 * d_sel / shifted
                 reg_value = shifted.log_().sum()
@@ -473,8 +476,10 @@ class L2EInhibitor:
         themselves are only materialised where they are needed (`need_phi`, top-k retrieval)."""
         cdt = torch.float64 if flat.dtype == torch.float64 else torch.float32
         ev = _Evaluation(mu=st.mean[self._lo:self._hi].to(cdt))
-        ev.d = flat - ev.mu  # promotes bf16/fp16 activations to fp32 in the same pass
-        ev.d2 = ev.d * ev.d
+        work = (lambda name, dtype: self._scratch_buffer(name, flat.shape, dtype, flat.device)) if compact \
+            else (lambda name, dtype: None)
+        ev.d = torch.sub(flat, ev.mu, out=work("d", cdt))  # promotes bf16/fp16 activations to fp32 in this pass
+        ev.d2 = torch.mul(ev.d, ev.d, out=work("d2", cdt))
         if scoring:
             ev.inv_denom = st.inv_denom[self._lo:self._hi].to(cdt)
             if need_phi or not self.cfg.uses_threshold:
@@ -482,13 +487,20 @@ class L2EInhibitor:
         if selecting:
             if self.cfg.uses_threshold:
                 ev.bound = st.bound[self._lo:self._hi].to(cdt)
-                ev.selected = ev.d2 >= ev.bound
+                ev.selected = torch.ge(ev.d2, ev.bound, out=work("selected", torch.bool))
             else:
                 ev.thr = self._kth_score_per_token(ev.phi)
                 ev.selected = ev.phi >= ev.thr
             if compact:
                 ev.index = ev.selected.view(-1).nonzero().squeeze(1)
         return ev
+
+    def _scratch_buffer(self, name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (name, dtype)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < shape.numel() or buf.device != device:
+            buf = self._scratch[key] = torch.empty(shape.numel(), dtype=dtype, device=device)
+        return buf[:shape.numel()].view(shape)
 
     def _kth_score_per_token(self, phi: Tensor) -> Tensor:
         """k-th largest score of each token over the full layer, shape [tokens, 1]."""

@@ -7,6 +7,12 @@ head 1, ...), as in GPT-NeoX and HF; a column-parallel split therefore gives eac
 
 The MLP exposes two `nn.Identity` probes (`pre_act_probe`, `post_act_probe`) at the neuron activation: the
 L2E engine attaches forward hooks there, so this file knows nothing of L2E (nor of DeepSpeed).
+
+At TP=1 the parameters stay in the megatron-core layers but the compute takes two shorter paths (profiled on
+CPU against transformers' GPTNeoXForCausalLM): linear layers run as one `F.linear` (a fused addmm; megatron's
+path is matmul + separate bias add through extra autograd functions), and the loss is `_CrossEntropy`
+(softmax in place over the logits, no collectives; megatron's vocab-parallel version makes five full passes
+over the logits and three all_reduces even on one rank). TP>1 uses megatron-core's layers and loss as they are.
 """
 
 from __future__ import annotations
@@ -27,6 +33,45 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from l2e_dist.model.config import ModelConfig
+
+
+def _linear(layer: nn.Module, x: torch.Tensor, tp_size: int) -> torch.Tensor:
+    """Output of a megatron-core Column/RowParallelLinear (skip_bias_add=False); at TP=1 through F.linear on
+    the same parameters, which is what megatron computes there (its TP regions are identities)."""
+    if tp_size == 1:
+        return F.linear(x, layer.weight, layer.bias)
+    return layer(x)[0]
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Per-token cross entropy of full-vocabulary fp32 logits (TP=1).
+
+    The logits are turned into the softmax in place (they are a temporary no other node saved), which is all
+    the backward needs: grad = (softmax - onehot(target)) * grad_loss, also computed in place. The loss is
+    logsumexp - x_target with logsumexp = x_max - log(p_max): the largest probability is at least 1/vocab, so
+    the log never sees an underflowed probability.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        flat = logits.view(-1, logits.shape[-1])
+        target_col = target.reshape(-1, 1)
+        x_target = flat.gather(1, target_col).squeeze(1)
+        x_max, argmax = flat.max(dim=-1, keepdim=True)
+        torch.softmax(flat, dim=-1, out=flat)
+        p_max = flat.gather(1, argmax).squeeze(1)
+        loss = x_max.squeeze(1) - p_max.log() - x_target
+        ctx.save_for_backward(logits, target_col)  # the tensor itself (it now holds the softmax), not a view
+        return loss.view(target.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        probs, target_col = ctx.saved_tensors
+        grad_col = grad_loss.reshape(-1, 1).to(probs.dtype)
+        grad = probs.view(-1, probs.shape[-1]).mul_(grad_col)
+        grad.scatter_add_(1, target_col, -grad_col)
+        return probs, None
 
 
 def _normal_init(std: float):
@@ -103,6 +148,7 @@ class ParallelAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig, init_in, init_out):
         super().__init__()
         tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_size = tp
         self.heads_local = cfg.num_attention_heads // tp
         self.head_dim = cfg.head_dim
         self.rotary_dims = cfg.rotary_dims
@@ -116,20 +162,20 @@ class ParallelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        qkv, _ = self.query_key_value(x)
+        qkv = _linear(self.query_key_value, x, self.tp_size)
         qkv = qkv.view(b, s, self.heads_local, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)
         q = apply_rotary(q, cos, sin, self.rotary_dims)
         k = apply_rotary(k, cos, sin, self.rotary_dims)
         ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         ctx = ctx.transpose(1, 2).reshape(b, s, self.heads_local * self.head_dim)
-        out, _ = self.dense(ctx)
-        return out
+        return _linear(self.dense, ctx, self.tp_size)
 
 
 class ParallelMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig, init_in, init_out):
         super().__init__()
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.dense_h_to_4h = ColumnParallelLinear(
             cfg.hidden_size, cfg.ffn_size, config=mcfg, init_method=init_in, bias=True, gather_output=False
         )
@@ -148,12 +194,11 @@ class ParallelMLP(nn.Module):
         self.post_act_probe = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden, _ = self.dense_h_to_4h(x)
+        hidden = _linear(self.dense_h_to_4h, x, self.tp_size)
         hidden = self.pre_act_probe(hidden)
         hidden = F.gelu(hidden, approximate=self.gelu_approximate)
         hidden = self.post_act_probe(hidden)
-        out, _ = self.dense_4h_to_h(hidden)
-        return out
+        return _linear(self.dense_4h_to_h, hidden, self.tp_size)
 
 
 class ParallelResidualLayer(nn.Module):
@@ -187,6 +232,7 @@ class GPTNeoX(nn.Module):
         super().__init__()
         self.cfg = cfg
         tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_size = tp
         if cfg.num_attention_heads % tp:
             raise ValueError(f"num_attention_heads={cfg.num_attention_heads} is not divisible by TP={tp}")
         self.padded_vocab_size = cfg.padded_vocab_size(tp)
@@ -223,7 +269,9 @@ class GPTNeoX(nn.Module):
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)
-        logits, _ = self.embed_out(self.final_layer_norm(x))
+        logits = _linear(self.embed_out, self.final_layer_norm(x), self.tp_size)
         if labels is None:
             return logits
+        if self.tp_size == 1:
+            return _CrossEntropy.apply(logits.float(), labels)
         return vocab_parallel_cross_entropy(logits.float(), labels)

@@ -178,24 +178,21 @@ class CollectiveCounter:
 def resolve_config(settings: BenchSettings, device: torch.device, method: str = "none") -> RunConfig:
     """The run config of one of our variants: the given configs and overrides, then the bench's batch shape,
     precision (fp32 on CPU, bf16 on CUDA) and `l2e.method=<method>` with retrieval auto."""
-    cfg = load_config(settings.configs, [*settings.overrides, f"l2e.method={method}", "l2e.retrieval=auto"])
+    shape = [f"train.{key}={value}" for key, value in
+             (("seq_length", settings.seq_length), ("micro_batch_size", settings.micro_batch_size)) if value]
+    cfg = load_config(settings.configs, [*settings.overrides, *shape, f"l2e.method={method}", "l2e.retrieval=auto"])
     if cfg.model.vocab_size is None:
         from l2e_dist.data.default_corpus import VOCAB_SIZE
 
         cfg.model.vocab_size = PYTHIA_VOCAB if cfg.data.paths else VOCAB_SIZE
-    on_cpu = device.type == "cpu"
-    seq = settings.seq_length or (min(cfg.train.seq_length, CPU_MAX_SEQ_LENGTH) if on_cpu else cfg.train.seq_length)
-    micro = settings.micro_batch_size or (
-        min(cfg.train.micro_batch_size, CPU_MAX_MICRO_BATCH) if on_cpu else cfg.train.micro_batch_size
-    )
-    if seq > cfg.model.max_position_embeddings:
-        raise ConfigError("seq_length", f"{seq} exceeds model.max_position_embeddings="
-                                        f"{cfg.model.max_position_embeddings}")
-    cfg.train.seq_length = seq
-    cfg.train.micro_batch_size = micro
-    cfg.train.global_batch_size = micro * settings.grad_accum
+    if device.type == "cpu":
+        if not settings.seq_length:
+            cfg.train.seq_length = min(cfg.train.seq_length, CPU_MAX_SEQ_LENGTH)
+        if not settings.micro_batch_size:
+            cfg.train.micro_batch_size = min(cfg.train.micro_batch_size, CPU_MAX_MICRO_BATCH)
+    cfg.train.global_batch_size = cfg.train.micro_batch_size * settings.grad_accum
     cfg.train.activation_checkpointing = False
-    cfg.deepspeed.precision = "fp32" if on_cpu else "bf16"
+    cfg.deepspeed.precision = "fp32" if device.type == "cpu" else "bf16"
     cfg.validate()
     return cfg
 
@@ -314,14 +311,16 @@ def _build_hf(cfg: RunConfig, device: torch.device, weights: dict) -> _Variant:
     return _Variant("hf", step, [list(model.parameters()), vars(optimizer)])
 
 
-def _build_variants(settings: BenchSettings, device: torch.device, names) -> tuple[dict[str, _Variant], RunConfig]:
-    base = resolve_config(settings, device)
-    variants = {
-        name: _build_hf(base, device, initial_weights(base)) if name == "hf"
-        else _build_ours(resolve_config(settings, device, name), device)
-        for name in names
+def resolve_configs(settings: BenchSettings, device: torch.device) -> dict[str, RunConfig]:
+    """The config of every requested variant ("hf" gets the method-none config: same model, batch, optimizer)."""
+    return {name: resolve_config(settings, device, "none" if name == "hf" else name) for name in settings.variants}
+
+
+def _build_variants(cfgs: dict[str, RunConfig], device: torch.device) -> dict[str, _Variant]:
+    return {
+        name: _build_hf(cfg, device, initial_weights(cfg)) if name == "hf" else _build_ours(cfg, device)
+        for name, cfg in cfgs.items()
     }
-    return variants, base
 
 
 def state_bytes(roots: list[Any]) -> int:
@@ -478,30 +477,49 @@ def format_table(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------- entry points
 
 
-def _setup(settings: BenchSettings) -> torch.device:
-    from l2e_dist.parallel.state import default_device, init_process_groups
+def _device(settings: BenchSettings) -> torch.device:
+    from l2e_dist.parallel.state import default_device
 
     device = default_device()
     if settings.threads is not None or device.type == "cpu":
         torch.set_num_threads(settings.threads or 1)
+    return device
+
+
+def _init_world() -> None:
+    from l2e_dist.parallel.state import init_process_groups
+
     init_process_groups(1)
     if dist.get_world_size() != 1:
         raise RuntimeError("the benchmark runs in a world of 1 process: launch it without torchrun/deepspeed")
-    return device
 
 
 def run_benchmark(settings: BenchSettings, progress=None) -> dict:
     """Build every variant, warm up, time `rounds` interleaved rounds; returns the JSON-ready report.
-    Needs a fresh process (it initialises torch.distributed and megatron-core's parallel state)."""
+
+    Runs in a world of 1: it initialises torch.distributed and megatron-core's parallel state unless they are
+    (as a world of 1), and tears down what it started."""
     settings.validate()
-    device = _setup(settings)
-    say = progress or (lambda message: None)
+    device = _device(settings)
+    cfgs = resolve_configs(settings, device)  # config errors before anything is started
+    started = not dist.is_initialized()
+    _init_world()
+    try:
+        return _run(settings, cfgs, device, progress or (lambda message: None))
+    finally:
+        if started:
+            from l2e_dist.parallel.state import destroy_process_groups
+
+            destroy_process_groups()
+
+
+def _run(settings: BenchSettings, cfgs: dict[str, RunConfig], device: torch.device, say) -> dict:
+    cfg = next(iter(cfgs.values()))
     loadavg_start = os.getloadavg()
-    cfgs = {m: resolve_config(settings, device, m) for m in OUR_METHODS if m in settings.variants}
     say(f"building {', '.join(settings.variants)} on {device}")
-    variants, cfg = _build_variants(settings, device, settings.variants)
+    variants = _build_variants(cfgs, device)
     batches = _token_batches(cfg, settings.distinct_batches, device)
-    warm = {name: warmup_steps(cfgs.get(name, cfg), settings) for name in variants}
+    warm = {name: warmup_steps(cfgs[name], settings) for name in variants}
     say(f"warm-up steps: {warm}")
     for i in range(max(warm.values())):
         for name, variant in variants.items():
@@ -589,7 +607,7 @@ def run_benchmark(settings: BenchSettings, progress=None) -> dict:
             "warmup_steps": warm,
             "flops_per_token": flops_per_token,
             "peak_tflops": peak_tflops,
-            "l2e": {m: asdict(c.l2e) for m, c in cfgs.items() if m != "none"},
+            "l2e": {m: asdict(c.l2e) for m, c in cfgs.items() if c.l2e.method != "none"},
             "versions": _versions(),
             "command": sys.argv,
             "profile_files": profiled,
@@ -611,13 +629,14 @@ def _probe_worker(settings: BenchSettings, name: str, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                       LOCAL_WORLD_SIZE="1")
     try:
-        device = _setup(settings)
+        device = _device(settings)
+        cfgs = resolve_configs(settings, device)
+        _init_world()
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        variants, cfg = _build_variants(settings, device, (name,))
-        batches = _token_batches(cfg, settings.distinct_batches, device)
-        method_cfg = resolve_config(settings, device, name) if name in OUR_METHODS else cfg
-        for i in range(warmup_steps(method_cfg, settings) + settings.probe_steps):
-            variants[name].step(batches[i % len(batches)])
+        variant = _build_variants(cfgs, device)[name]
+        batches = _token_batches(cfgs[name], settings.distinct_batches, device)
+        for i in range(warmup_steps(cfgs[name], settings) + settings.probe_steps):
+            variant.step(batches[i % len(batches)])
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         queue.put(("ok", {"peak_rss_bytes": peak, "baseline_rss_bytes": baseline}))
     except BaseException as exc:  # reported by the parent

@@ -307,7 +307,8 @@ def pretrain(cfg: RunConfig) -> TrainResult:
                 engine, model, inhibitor, datasets.valid, cfg, layout, device, logger, step
             )
             logger.log(step, valid_metrics)
-        stop = preempt.should_stop(step=step)
+        # A signal during the last step changes nothing: the run finishes (exit 0) instead of stopping (75).
+        stop = preempt.should_stop(step=step) and step < cfg.train.train_iters
         if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or stop:
             if step != cfg.train.train_iters:
                 _allow_slow_phase(watchdog, step, "checkpoint")
@@ -319,6 +320,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
                     f"stopped at step {step} on {preempt.received or 'a peer signal'}; requeued={requeued}",
                     flush=True,
                 )
+            requeued = _rank0_requeued(requeued, device)
             break
 
     if step > start_step and step == cfg.train.train_iters:
@@ -341,6 +343,14 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         l2e_state=inhibitor.state_dict() if inhibitor is not None else None,
         valid_metrics=valid_metrics,
     )
+
+
+def _rank0_requeued(requeued: bool, device) -> bool:
+    """Only rank 0 runs `scontrol requeue`: every rank takes its answer, so all exit 0 when the job was
+    requeued. A rank exiting 75 meanwhile would make `srun --kill-on-bad-exit` kill rank 0 mid-requeue."""
+    flag = torch.tensor([int(requeued)], dtype=torch.int32, device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _allow_slow_phase(watchdog, step: int, phase: str) -> None:
