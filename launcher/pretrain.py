@@ -39,12 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"l2e-pretrain: {exc}", file=sys.stderr)
         return 2
+    from l2e_dist.checkpoint.io import CheckpointError
     from l2e_dist.parallel.state import destroy_process_groups
     from l2e_dist.training.trainer import pretrain
 
     try:
         result = pretrain(cfg)
-    except ConfigError as exc:  # checks that need the launched world size
+    except (ConfigError, CheckpointError) as exc:  # world-size checks, unusable checkpoints
         print(f"l2e-pretrain: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -1,8 +1,8 @@
 """Resume: after a real SIGKILL of a 2-process torchrun job, the run continues with exactly the loss sequence
 of an uninterrupted run (fp32, CPU), for ZeRO 1 (TP=2 x DP=1) and ZeRO 3 (TP=1 x DP=2); on the way, the resumed
-run falls back over a corrupt `latest` pointer and over a truncated shard of the newest checkpoint. A checkpoint
-of one layout resumes on the other (TP, DP and ZeRO stage all change) with the losses of the uninterrupted runs
-of both layouts (1e-5)."""
+run falls back over a corrupt `latest` pointer and over a truncated shard of the newest checkpoint, and keeps
+only the last N checkpoints. A checkpoint of one layout resumes on the other (TP, DP and ZeRO stage all change)
+with the losses of the uninterrupted runs of both layouts (1e-5)."""
 
 from __future__ import annotations
 
@@ -121,11 +121,13 @@ def test_sigkill_then_resume_is_exact(layout, damage, reference_runs, tmp_path, 
     start = resumed_step(proc.stdout)
     newest_step = int(newest.removeprefix("global_step"))
     assert start == (newest_step if damage == "latest" else newest_step - 1)
-    assert start >= kill_step - 1
+    assert kill_step - 1 <= start < STEPS
     resumed = read_losses(tmp_path / "metrics.jsonl", offset)
     assert sorted(resumed) == list(range(start + 1, STEPS + 1))
     for step, loss in resumed.items():
         assert loss == reference[step], f"killed at {kill_step}, resumed at {start}: step {step}: {loss} != {reference[step]}"
+    kept = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir())  # keep_last_n=2, no temporary leftovers
+    assert kept == [f"global_step{STEPS - 1}", f"global_step{STEPS}"]
 
 
 @pytest.mark.parametrize("source, target", [("tp2_zero1", "dp2_zero3"), ("dp2_zero3", "tp2_zero1")])

@@ -9,7 +9,9 @@ root, packages not installable).
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from l2e_dist.training.preemption import _STORE_GRACE_S
 from tests.conftest import small_run_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +37,11 @@ TERMINAL = {
 }
 STEPS = 20
 WATCHDOG_S = 8
+KILL_WAIT_S = 10  # KillWait in scripts/local_slurm.sh: SIGTERM -> SIGKILL when srun ends a step
+# From the failure (whole-second EndTime, loaded 2-core machine: 5 s slack): srun's SIGTERM + KillWait; for a
+# frozen rank first the watchdog deadline + one poll + rank 0's grace for the peers' reports.
+KILL_BOUND_S = KILL_WAIT_S + 5
+FREEZE_BOUND_S = WATCHDOG_S + WATCHDOG_S / 10 + _STORE_GRACE_S + KILL_WAIT_S + 5
 TIMING_KEYS = {
     "train/tokens_per_s",
     "train/step_time_s",
@@ -160,29 +168,49 @@ def logged_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
 
 
 class Job:
-    """A submitted job; with `preempt_after_step`, a thread sends SIGUSR1 to its ranks (as Slurm's --signal does
-    before the time limit) as soon as that step is logged, whichever test the module is running meanwhile."""
+    """A submitted job. With `after_step`, a thread runs `action(job)` as soon as the job logs that step, whichever
+    test the module is running meanwhile (a job that finished first could not be preempted any more)."""
 
-    def __init__(self, job_id: str, out: Path, preempt_after_step: int | None = None):
+    def __init__(self, job_id: str, out: Path, after_step: int | None = None, action=None):
         self.id, self.out, self.log = job_id, out, out / "job.log"
-        self.signalled: subprocess.CompletedProcess | None = None
-        self._preempter = None
-        if preempt_after_step is not None:
-            self._preempter = threading.Thread(target=self._preempt, args=(preempt_after_step,), daemon=True)
-            self._preempter.start()
+        self.acted_at: float | None = None
+        self._error: BaseException | None = None
+        self._thread = None
+        if after_step is not None:
+            self._thread = threading.Thread(target=self._act, args=(after_step, action), daemon=True)
+            self._thread.start()
 
     def text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
-    def _preempt(self, step: int) -> None:
-        end = time.time() + 400
-        while time.time() < end and not re.search(rf"^step {step}: loss", self.text(), flags=re.M):
-            time.sleep(0.1)
-        self.signalled = subprocess.run(["scancel", "--signal=USR1", self.id], capture_output=True, text=True)
+    def _act(self, step: int, action) -> None:
+        try:
+            wait_for_line(self.log, rf"^step {step}: loss")
+            action(self)
+            self.acted_at = time.time()
+        except BaseException as error:  # re-raised in the test by wait_acted()
+            self._error = error
 
-    def wait_preempted(self) -> None:
-        self._preempter.join(timeout=450)
-        assert self.signalled is not None and self.signalled.returncode == 0, (self.signalled, self.text())
+    def wait_acted(self) -> float:
+        """When the action ran (time.time())."""
+        self._thread.join(timeout=450)
+        if self._error is not None:
+            raise self._error
+        assert self.acted_at is not None, self.text()
+        return self.acted_at
+
+
+def preempt(job: Job) -> None:
+    """SIGUSR1 to every rank, as Slurm's `--signal=USR1@<s>` does before the time limit."""
+    subprocess.run(["scancel", "--signal=USR1", job.id], check=True, capture_output=True)
+
+
+def kill_rank_1(job: Job) -> None:
+    os.kill(rank_pid(job.id, 1), signal.SIGKILL)
+
+
+def freeze_rank_1(job: Job) -> None:
+    os.kill(rank_pid(job.id, 1), signal.SIGSTOP)
 
 
 class ReferenceRun:
@@ -214,11 +242,11 @@ def jobs(slurm, data_cache: str, tmp_path_factory: pytest.TempPathFactory) -> di
     started: dict[str, Job | ReferenceRun] = {}
     # First, so it runs at once: preempted mid-run, it checkpoints, requeues itself and resumes.
     script = sbatch_args("pretrain.sbatch", out["usr1"], nodes=2, tasks_per_node=2)
-    started["usr1"] = Job(submit([*script, *trainer_args(out["usr1"], data_cache)]), out["usr1"], 1)
+    started["usr1"] = Job(submit([*script, *trainer_args(out["usr1"], data_cache)]), out["usr1"], 1, preempt)
     started["ref"] = ReferenceRun(out["ref"], data_cache)
     # Without --requeue: the preempted run must checkpoint, say so and fail with 75 (resubmitted below).
     script = sbatch_args("pretrain_deepspeed.sbatch", out["ds"], 2, 1, "--no-requeue")
-    started["ds"] = Job(submit([*script, *trainer_args(out["ds"], data_cache)]), out["ds"], 1)
+    started["ds"] = Job(submit([*script, *trainer_args(out["ds"], data_cache)]), out["ds"], 1, preempt)
     # mpirun starts its daemons with srun (one per node), so SLURM_PROCID there is a node index: rank discovery
     # must take mpi4py's ranks instead.
     train = " ".join(trainer_args(out["mpi"], data_cache, **{"train.train_iters": 3}))
@@ -234,15 +262,14 @@ def jobs(slurm, data_cache: str, tmp_path_factory: pytest.TempPathFactory) -> di
 
 @pytest.fixture(scope="module")
 def failure_jobs(slurm, data_cache: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Job]:
-    """Endless runs, one rank of which each test makes fail; submitted only when the first of those tests
-    starts (both together), so they do not train for nothing while the other tests run."""
+    """Endless runs whose rank 1 is SIGKILLed or frozen (SIGSTOP) after step 3. Submitted together when the first
+    test that needs them starts, not with the other jobs: until its rank fails, each trains for nothing."""
     started = {}
-    for how in ("kill", "freeze"):
+    for how, action in (("kill", kill_rank_1), ("freeze", freeze_rank_1)):
         out = tmp_path_factory.mktemp(how)
         script = sbatch_args("pretrain.sbatch", out, nodes=2, tasks_per_node=1)
-        started[how] = Job(
-            submit([*script, *trainer_args(out, data_cache, **{"train.train_iters": 10**6})]), out
-        )
+        args = trainer_args(out, data_cache, **{"train.train_iters": 10**6})
+        started[how] = Job(submit([*script, *args]), out, 3, action)
     yield started
     for job in started.values():
         subprocess.run(["scancel", job.id], capture_output=True)
@@ -250,7 +277,7 @@ def failure_jobs(slurm, data_cache: str, tmp_path_factory: pytest.TempPathFactor
 
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_losses(jobs: dict) -> None:
     job, reference = jobs["usr1"], jobs["ref"]
-    job.wait_preempted()
+    job.wait_acted()
     fields = wait_job(job.id)
     text = job.text()
     assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), text
@@ -282,11 +309,13 @@ def test_srun_script_trains_across_two_nodes(jobs: dict) -> None:
 
 def test_deepspeed_launcher_script_stops_on_usr1_and_a_resubmit_resumes(jobs: dict, data_cache: str) -> None:
     job = jobs["ds"]
-    job.wait_preempted()
+    job.wait_acted()
     fields = wait_job(job.id)
     text = job.text()
-    # Not requeueable: the ranks checkpoint, rank 0 says so, and the job fails with 75 (resubmit to resume).
-    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("FAILED", "75:0", "0"), text
+    # Not requeueable: the ranks checkpoint, rank 0 says so, and the job fails with 75 (resubmit to resume): the
+    # first launcher to leave exits 75; srun then terminates the other (the job's code is that launcher's).
+    assert (fields["JobState"], fields["Restarts"]) == ("FAILED", "0") and fields["ExitCode"] != "0:0", text
+    assert re.search(r"^srun: error: n[12]: task [01]: Exited with exit code 75$", text, re.M), text
     stopped = int(re.search(r"^stopped at step (\d+) on SIGUSR1; requeued=False$", text, re.M)[1])
     assert "is not requeueable (submit with --requeue)" in text
     assert "User defined signal" not in text  # the launchers survived the signal
@@ -327,16 +356,18 @@ def test_mpirun_inside_an_allocation(jobs: dict) -> None:
 @pytest.mark.parametrize("how", ["kill", "freeze"])
 def test_failed_rank_ends_the_job_nonzero_within_bound(failure_jobs: dict[str, Job], how: str) -> None:
     job = failure_jobs[how]
-    wait_for_line(job.log, r"^step 3: loss")
-    failed_at = time.time()
-    subprocess.run(["kill", "-KILL" if how == "kill" else "-STOP", str(rank_pid(job.id, 1))], check=True)
+    failed_at = job.wait_acted()
     fields = wait_job(job.id)
     text = job.text()
     assert fields["JobState"] == "FAILED" and fields["ExitCode"] != "0:0", text
-    ended = datetime.fromisoformat(fields["EndTime"]).timestamp()  # whole seconds, local time
-    if how == "kill":  # srun --kill-on-bad-exit ends the step at once
-        assert ended - failed_at < 10, (ended - failed_at, text)
+    took = datetime.fromisoformat(fields["EndTime"]).timestamp() - failed_at  # EndTime: whole seconds
+    if how == "kill":
+        # srun --kill-on-bad-exit SIGTERMs the survivor at once; it is gone within Slurm's KillWait.
         assert re.search(r"srun: error: n2: task 1: Killed", text), text
-    else:  # a frozen rank raises no error anywhere: rank 0's watchdog (+ poll + 3 s grace), then srun
-        assert ended - failed_at < WATCHDOG_S + 12, (ended - failed_at, text)
+        assert took < KILL_BOUND_S, (took, text)
+    else:
+        # A frozen rank raises no error anywhere: rank 0's watchdog ends it, naming the silent rank; then srun
+        # takes the frozen one down.
         assert re.search(r"rank 0: watchdog: suspects: rank 1 (silent|never reported)", text), text
+        assert "srun: error: n1: task 0: Exited with exit code 1" in text
+        assert took < FREEZE_BOUND_S, (took, text)

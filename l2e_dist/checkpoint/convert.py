@@ -95,7 +95,8 @@ class WeightSource:
             if hf_cfg.model_type != "gpt_neox":
                 raise CheckpointError(f"{self.path} is a {hf_cfg.model_type!r} model, not GPTNeoX/Pythia")
             self.model_config = model_config_from_hf(hf_cfg)
-            self.token_ids = {k: v for k in ("bos_token_id", "eos_token_id") if (v := getattr(hf_cfg, k, None)) is not None}
+            ids = {k: getattr(hf_cfg, k, None) for k in ("bos_token_id", "eos_token_id")}
+            self.token_ids = {k: v for k, v in ids.items() if v is not None}
             self._weights = {k: v.float() for k, v in from_hf_state_dict(_read_hf_tensors(self.path)).items()}
             self.checkpoint = None
             return
@@ -116,7 +117,9 @@ class WeightSource:
         return self._weights[name] if self.checkpoint is None else self.checkpoint.full(name)
 
     def padded_vocab_size(self) -> int:
-        return int(self.tensor("embed_in.weight").shape[0])
+        if self.checkpoint is None:
+            return int(self._weights["embed_in.weight"].shape[0])
+        return int(self.checkpoint.local_shape("embed_in.weight")[0]) * self.checkpoint.tp_size
 
 
 def _read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -296,6 +296,7 @@ def check_resumable(saved: dict, cfg) -> None:
 def resume(engine, cfg, ckpt_dir: Path, inhibitor=None) -> int:
     """Restore the newest intact checkpoint under `ckpt_dir` into `engine` (and the L2E inhibitor), on the
     same layout or another one. Returns the step it was saved at, 0 when there is nothing to resume."""
+    from l2e_dist.checkpoint.convert import IMPORT_FORMAT
     from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
     from l2e_dist.checkpoint.reshard import load_resharded
 
@@ -314,6 +315,9 @@ def resume(engine, cfg, ckpt_dir: Path, inhibitor=None) -> int:
     ckpt = Path(value)
     source = DeepSpeedCheckpoint(ckpt)
     saved = source.client_state
+    if saved.get("format") == IMPORT_FORMAT:
+        raise CheckpointError(f"{ckpt} holds weights only (no optimizer state): start from it with "
+                              "train.init_from in a fresh train.output_dir instead of resuming")
     check_resumable(saved.get("config") or {}, cfg)
     before, now = checkpoint_layout(source), run_layout(engine)
     if before == now:

@@ -27,9 +27,14 @@ The engine knows nothing of DeepSpeed or megatron: it is handed one layer's acti
 5. Regularizer (l2e): L_MS = lambda * SUM_selected log((z - mu)^2 + delta) with mu constant. The term returned by
    `regularization_loss()` is scaled so that after the usual averaging of micro-batch losses over DP ranks and
    over micro_batches_per_step its gradient is that of the step's global regularizer: "sum" multiplies the local
-   sum by dp_size * micro_batches_per_step, "mean" divides it by the local token count. Its gradient is computed
-   by a custom autograd function that saves only z (already kept by the next matmul) and recomputes the mask.
-   Each TP rank adds the sum over its own neuron slice.
+   sum by dp_size * micro_batches_per_step, "mean" divides it by the local token count. Each TP rank adds the sum
+   over its own neuron slice. Its gradient comes from a custom autograd function, in one of two forms:
+   on the CPU the forward compacts the selected pairs (nonzero(), free of host syncs there) and saves only their
+   indices and derivatives (~p of the elements), so the log, the count and the backward touch only those; on an
+   accelerator, where nonzero() would wait for the device, the forward stays dense and the backward saves only z
+   (already kept by the next matmul) and recomputes the mask. Threshold retrieval compares (z - mu)^2 with the
+   per-neuron bound tau / inv_denom, so the scores phi are not materialised unless needed (top-k, calibration,
+   FKR). The L2E path is a few element-wise passes per inhibited layer plus the one fused all_reduce.
 6. memel: reverse deactivation on selected pairs, z' = -D z + stopgrad(mu + D z) (value mu, gradient -D), with
    per-token top-k over the full layer (TP: local top-k, all_gather of k values over tp_group; memel only).
    Ties at the k-th value select all tied pairs.

@@ -49,7 +49,7 @@ class _CrossEntropy(torch.autograd.Function):
     The logits are turned into the softmax in place (they are a temporary no other node saved), which is all
     the backward needs: grad = (softmax - onehot(target)) * grad_loss, also computed in place. The loss is
     logsumexp - x_target with logsumexp = x_max - log(p_max): the largest probability is at least 1/vocab, so
-    the log never sees an underflowed probability.
+    the log never sees an underflowed probability (two max-reductions cost less than one max with indices).
     """
 
     @staticmethod
@@ -57,10 +57,10 @@ class _CrossEntropy(torch.autograd.Function):
         flat = logits.view(-1, logits.shape[-1])
         target_col = target.reshape(-1, 1)
         x_target = flat.gather(1, target_col).squeeze(1)
-        x_max, argmax = flat.max(dim=-1, keepdim=True)
+        x_max = flat.amax(dim=-1)
         torch.softmax(flat, dim=-1, out=flat)
-        p_max = flat.gather(1, argmax).squeeze(1)
-        loss = x_max.squeeze(1) - p_max.log() - x_target
+        p_max = flat.amax(dim=-1)  # softmax is monotone: the probability at the largest logit
+        loss = x_max - p_max.log() - x_target
         ctx.save_for_backward(logits, target_col)  # the tensor itself (it now holds the softmax), not a view
         return loss.view(target.shape)
 

@@ -455,7 +455,7 @@ def format_table(report: dict) -> str:
     ]
     for name, v in report["variants"].items():
         wall = v["step_time_s"]
-        peak = v.get("peak_mem_bytes") or v.get("peak_rss_bytes")
+        peak = v.get("peak_mem_bytes") or (v.get("peak_rss_bytes", 0) - v.get("baseline_rss_bytes", 0))
         mfu = "-" if v["mfu"] is None else f"{v['mfu']:.3f}"
         peak_mib = "-" if not peak else f"{peak / 2**20:.0f}"
         collectives = v["collectives_per_step"]
@@ -578,8 +578,8 @@ def _run(settings: BenchSettings, cfgs: dict[str, RunConfig], device: torch.devi
         say("memory probe: one fresh process per variant")
         for name in variants:
             results[name].update(memory_probe(settings, name))
-        peak_note = ("peak MiB (CPU): peak RSS of a separate process running only that variant "
-                     "(includes the runtime; see baseline_rss_bytes)")
+        peak_note = ("peak MiB (CPU): peak RSS of a separate process that builds and trains only that variant, "
+                     "minus that process's peak before building it (imports, runtime, process group)")
     elif device.type == "cpu":
         peak_note = "peak MiB (CPU): not measured (memory probe disabled)"
 
@@ -625,6 +625,20 @@ def write_report(report: dict, path: str | Path) -> None:
     _write_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process's address space: Linux VmHWM. (ru_maxrss is no good in a spawned
+    child: it starts at the parent's RSS at fork time.) Elsewhere ru_maxrss."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def _probe_worker(settings: BenchSettings, name: str, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                       LOCAL_WORLD_SIZE="1")
@@ -632,12 +646,12 @@ def _probe_worker(settings: BenchSettings, name: str, port: int, queue) -> None:
         device = _device(settings)
         cfgs = resolve_configs(settings, device)
         _init_world()
-        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        baseline = peak_rss_bytes()
         variant = _build_variants(cfgs, device)[name]
         batches = _token_batches(cfgs[name], settings.distinct_batches, device)
         for i in range(warmup_steps(cfgs[name], settings) + settings.probe_steps):
             variant.step(batches[i % len(batches)])
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss_bytes()
         queue.put(("ok", {"peak_rss_bytes": peak, "baseline_rss_bytes": baseline}))
     except BaseException as exc:  # reported by the parent
         queue.put(("error", repr(exc)))
