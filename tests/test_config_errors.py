@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -80,3 +81,17 @@ def test_cli_exit_code_and_single_line():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("l2e-pretrain: config error at 'l2e.inhibit_ratio'")
+
+
+def test_fkr_without_feature_labels_names_the_key(tmp_path, data_cache):
+    # Only known once the data is opened (inside the trainer): still one line and exit code 2.
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.pretrain", "--config", TINY, "--set", "l2e.fkr=true",
+         "--set", "data.labels=false", "--set", f"data.cache_dir={data_cache}",
+         "--set", f"train.output_dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("l2e-pretrain: config error at 'l2e.fkr'") and "set l2e.fkr=false" in last, last

@@ -54,11 +54,15 @@ def test_config_rejects_bad_values_naming_the_key(key, value):
     assert exc.value.key == f"l2e.{key}"
 
 
-def test_config_fkr_needs_num_features():
-    with pytest.raises(ConfigError) as exc:
-        build(L2EConfig, {"method": "l2e", "fkr": True}, "l2e")
-    assert exc.value.key == "l2e.num_features"
+def test_config_num_features_zero_means_from_data_and_negative_is_rejected():
+    # 0: the trainer fills in the number of feature labels of the data; the engine itself refuses FKR without them.
+    assert build(L2EConfig, {"method": "l2e", "fkr": True}, "l2e").num_features == 0
     assert build(L2EConfig, {"fkr": True, "num_features": 22}, "l2e").num_features == 22
+    with pytest.raises(ConfigError) as exc:
+        build(L2EConfig, {"method": "l2e", "fkr": True, "num_features": -1}, "l2e")
+    assert exc.value.key == "l2e.num_features"
+    with pytest.raises(ValueError, match="num_features"):
+        L2EInhibitor(L2EConfig(method="l2e", fkr=True, num_features=0), [0], 8)
 
 
 def test_resolve_layers():

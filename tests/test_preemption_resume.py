@@ -62,8 +62,8 @@ def trainer_command(out: Path, data_cache: str, **extra: object) -> list[str]:
 class Ranks:
     """One process per rank, each in a session of its own (a signal reaches exactly one rank)."""
 
-    def __init__(self, command: list[str], log_dir: Path, name: str):
-        self.logs = [log_dir / f"{name}-rank{rank}.log" for rank in range(WORLD_SIZE)]
+    def __init__(self, command: list[str], log_dir: Path, name: str, world_size: int = WORLD_SIZE):
+        self.logs = [log_dir / f"{name}-rank{rank}.log" for rank in range(world_size)]
         base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI"))}
         port = str(free_port())
         self.procs = []
@@ -72,8 +72,8 @@ class Ranks:
                 **base,
                 "RANK": str(rank),
                 "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(WORLD_SIZE),
-                "LOCAL_WORLD_SIZE": str(WORLD_SIZE),
+                "WORLD_SIZE": str(world_size),
+                "LOCAL_WORLD_SIZE": str(world_size),
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": port,
                 "OMP_NUM_THREADS": "1",
@@ -120,8 +120,8 @@ def launch():
     """Start a world of ranks; whatever is still running when the test ends is killed."""
     started: list[Ranks] = []
 
-    def start(command: list[str], log_dir: Path, name: str) -> Ranks:
-        started.append(Ranks(command, log_dir, name))
+    def start(command: list[str], log_dir: Path, name: str, world_size: int = WORLD_SIZE) -> Ranks:
+        started.append(Ranks(command, log_dir, name, world_size))
         return started[-1]
 
     yield start
@@ -170,6 +170,24 @@ def test_usr1_to_one_rank_checkpoints_exits_75_and_rerun_matches_uninterrupted(
     assert sorted(resumed) == sorted(uninterrupted) == list(range(1, STEPS + 1))
     assert resumed == uninterrupted
     assert final_loss(second.text(0)) == final_loss(reference.text(0))
+
+
+def test_signal_that_only_takes_effect_at_the_last_step_lets_the_run_finish(
+    launch, tmp_path: Path, data_cache: str
+) -> None:
+    # The only stop check is at the last step: a signal arriving any time before it takes effect there.
+    steps = 10
+    command = trainer_command(
+        tmp_path / "run", data_cache, **{"train.train_iters": steps, "train.preempt_check_every": steps}
+    )
+    ranks = launch(command, tmp_path, "run", world_size=1)
+    ranks.wait_for_step(1)
+    ranks.procs[0].send_signal(signal.SIGUSR1)
+    assert ranks.wait() == [0], ranks.text(0)
+    text = ranks.text(0)
+    assert "rank 0: received SIGUSR1" in text and "stopped at step" not in text
+    assert float(final_loss(text)) > 0
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"global_step{steps}"
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])

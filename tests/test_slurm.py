@@ -284,6 +284,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_losses(jobs: dict) ->
     stopped = int(re.search(r"^stopped at step (\d+) on SIGUSR1; requeued=True$", text, re.M)[1])
     assert 2 <= stopped < STEPS, text
     assert "rank 0: requeued Slurm job" in text
+    assert "exit code 75" not in text  # every rank knows the job was requeued: none reports a stopped run
     assert f"resume_step={stopped}" in text and "l2e: job" in text and "restart 1" in text
     assert text.count("l2e-dist: rank ") == 2 * 4  # every rank of both runs
     # Every step's loss, grad norm, learning rate and L2E statistic equal the uninterrupted run's, bit for bit.

@@ -8,6 +8,14 @@ starting variant rotating), so load drift on a shared machine hits every variant
 per-round paired ratios are reported.
 
 Choices that matter for reading the figures:
+- Device: CPU runs fp32 with 1 intra-op thread unless told otherwise (on a shared, oversubscribed machine OpenMP
+  threads waiting on each other made steps ~10x slower and far noisier), sequence length at most 128 and micro
+  batch at most 8 unless given. CUDA runs bf16 through the same code: DeepSpeed's bf16 mode for ours, autocast
+  bf16 over fp32 weights for transformers; MFU = tokens/s x ModelConfig.flops_per_token / the device's peak
+  (the trainer's table; none for unknown devices).
+- Ratios: median step time of each variant (the headline), the median of the per-round paired ratios with a
+  bootstrap 95% interval, and the ratio of 10th percentiles (least disturbed by other load: interference only
+  adds time). Load averages before, during and after are in the report.
 - Data: `distinct_batches` random token batches drawn once from a seeded generator (vocab of the config) and
   cycled; every variant gets the same batch in a round. Timing does not depend on token values.
 - Warm-up: at least `l2e.late_start` + 2 micro-batches, so the timed L2E/MEmeL steps score and select (the
@@ -34,6 +42,7 @@ import multiprocessing as mp
 import os
 import platform
 import queue as queue_module
+import random
 import resource
 import statistics
 import sys
@@ -49,6 +58,7 @@ import torch.distributed as dist
 
 from l2e_dist.config import RunConfig, load_config
 from l2e_dist.config_utils import ConfigError
+from l2e_dist.training.optim import effective_zero_stage
 
 OUR_METHODS = ("none", "l2e", "memel")
 VARIANTS = (*OUR_METHODS, "hf")
@@ -67,6 +77,8 @@ _COLLECTIVES = (
 
 @dataclass
 class BenchSettings:
+    """What to time: run configs + overrides (as for l2e-pretrain), the variants and the batch shape."""
+
     configs: list[str]
     overrides: list[str] = field(default_factory=list)
     variants: tuple[str, ...] = VARIANTS
@@ -75,9 +87,7 @@ class BenchSettings:
     seq_length: int | None = None  # None: the config's, capped at CPU_MAX_SEQ_LENGTH on CPU
     micro_batch_size: int | None = None  # None: the config's, capped at CPU_MAX_MICRO_BATCH on CPU
     grad_accum: int = 1  # micro-batches per step (the global batch is micro_batch_size x grad_accum)
-    # torch intra-op threads. None: 1 on CPU (on a shared, oversubscribed machine OpenMP threads that wait on
-    # each other made steps 10x slower and far noisier than one thread), torch's default on CUDA.
-    threads: int | None = None
+    threads: int | None = None  # torch intra-op threads; None: 1 on CPU (see the module docstring), torch's on CUDA
     distinct_batches: int = 4
     memory_probe: bool = True  # CPU: peak RSS of a separate process per variant
     probe_steps: int = 3
@@ -412,17 +422,32 @@ def _quantiles(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(ordered), "p25": q[0], "p75": q[2], "min": ordered[0], "max": ordered[-1]}
 
 
+def _median_ci95(values: list[float], resamples: int = 2000) -> tuple[float, float]:
+    """Bootstrap 95% interval of the median (fixed seed: the report is reproducible from its step times)."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
+def _low_quantile(values: list[float]) -> float:
+    return sorted(values)[len(values) // 10]
+
+
 def _ratio(num: _Variant, den: _Variant) -> dict[str, float]:
+    """Step-time ratio num/den. `of_medians` is the headline figure; the paired per-round ratios (same round, same
+    load) give its spread and a bootstrap interval; `of_p10` (10th percentiles) is the least disturbed by other
+    load on a shared machine, since interference only ever adds time."""
     paired = [a / b for a, b in zip(num.wall, den.wall)]
-    paired_cpu = [a / b for a, b in zip(num.cpu, den.cpu)]
     q = _quantiles(paired)
+    low, high = _median_ci95(paired)
     return {
         "of_medians": statistics.median(num.wall) / statistics.median(den.wall),
         "paired_median": q["median"],
         "paired_p25": q["p25"],
         "paired_p75": q["p75"],
+        "paired_median_ci95": [low, high],
+        "of_p10": _low_quantile(num.wall) / _low_quantile(den.wall),
         "cpu_time_of_medians": statistics.median(num.cpu) / statistics.median(den.cpu),
-        "cpu_time_paired_median": statistics.median(paired_cpu),
     }
 
 
@@ -449,7 +474,7 @@ def format_table(report: dict) -> str:
         f"{meta['loadavg_start'][0]:.1f} -> {meta['loadavg_end'][0]:.1f} on {meta['cpu_count']} CPUs; "
         f"{meta['params'] / 1e6:.2f}M params, batch {meta['micro_batch_size']}x{meta['grad_accum']}x"
         f"{meta['seq_length']} = {meta['tokens_per_step']} tokens/step, {meta['precision']}, "
-        f"ZeRO {meta['zero_stage']}, {meta['rounds']} rounds after warm-up steps {meta['warmup_steps']}",
+        f"ZeRO {meta['zero_stage']} (runs as {meta.get('zero_stage_effective', meta['zero_stage'])} at dp=1), {meta['rounds']} rounds after warm-up steps {meta['warmup_steps']}",
         f"{'variant':8s} {'median ms':>10s} {'p25-p75 ms':>15s} {'cpu ms':>9s} {'tokens/s':>10s} {'MFU':>6s} "
         f"{'coll/step':>9s} {'l2e coll':>8s} {'state MiB':>9s} {'peak MiB':>9s}",
     ]
@@ -465,10 +490,13 @@ def format_table(report: dict) -> str:
             f"{collectives['total']:9.2f} {collectives.get('l2e', 0.0):8.2f} {v['state_bytes'] / 2**20:9.1f} "
             f"{peak_mib:>9s}"
         )
-    lines.append("ratios (step time, num/den): of medians | paired per-round median [p25, p75] | CPU-time of medians")
+    lines.append("ratios (step time, num/den): of medians | paired per-round median (95% CI) [p25, p75] | "
+                 "of 10th percentiles | CPU time, of medians")
     for key, r in report["ratios"].items():
-        lines.append(f"  {key:11s} {r['of_medians']:.4f} | {r['paired_median']:.4f} [{r['paired_p25']:.4f}, "
-                     f"{r['paired_p75']:.4f}] | {r['cpu_time_of_medians']:.4f}")
+        low, high = r["paired_median_ci95"]
+        lines.append(f"  {key:11s} {r['of_medians']:.4f} | {r['paired_median']:.4f} ({low:.4f}-{high:.4f}) "
+                     f"[{r['paired_p25']:.4f}, {r['paired_p75']:.4f}] | {r['of_p10']:.4f} | "
+                     f"{r['cpu_time_of_medians']:.4f}")
     if meta.get("peak_note"):
         lines.append(meta["peak_note"])
     return "\n".join(lines)
@@ -603,6 +631,7 @@ def _run(settings: BenchSettings, cfgs: dict[str, RunConfig], device: torch.devi
             "tokens_per_step": tokens_per_step,
             "precision": cfg.deepspeed.precision,
             "zero_stage": cfg.deepspeed.zero_stage,
+            "zero_stage_effective": effective_zero_stage(cfg, 1),
             "rounds": settings.rounds,
             "warmup_steps": warm,
             "flops_per_token": flops_per_token,

@@ -22,6 +22,7 @@ from megatron.core import parallel_state
 from l2e_dist.checkpoint.convert import load_init_weights
 from l2e_dist.checkpoint.io import resume, save_checkpoint
 from l2e_dist.config import RunConfig, config_to_dict, validate_world
+from l2e_dist.config_utils import ConfigError
 from l2e_dist.data import build_datasets, global_batch_iterator, prepare_default_corpus
 from l2e_dist.l2e.hooks import ScoreMeter
 from l2e_dist.l2e.hooks import attach as attach_l2e
@@ -35,7 +36,7 @@ from l2e_dist.parallel.state import (
     tensor_and_data_parallel_group,
 )
 from l2e_dist.training.metrics import MetricsLogger
-from l2e_dist.training.optim import build_optimizer, build_scheduler, deepspeed_config
+from l2e_dist.training.optim import build_optimizer, build_scheduler, deepspeed_config, effective_zero_stage
 from l2e_dist.training.preemption import PreemptionHandler, start_watchdog
 
 # Peak dense bf16/fp16 TFLOP/s per device, for the MFU estimate (None: unknown, MFU not reported).
@@ -178,8 +179,9 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     datasets = _prepare_data(cfg, layout)
     if cfg.l2e.fkr and cfg.l2e.num_features == 0:
         if not datasets.feature_names:
-            raise ValueError(
-                "l2e.fkr needs feature labels, but the data has no label sidecar: set l2e.fkr=false"
+            raise ConfigError(
+                "l2e.fkr", "needs feature labels, but the data has none (no <prefix>.labels.npy from l2e-prepare-data "
+                "--label-field, or data.labels=false): set l2e.fkr=false or prepare the data with labels"
             )
         cfg.l2e.num_features = len(datasets.feature_names)
     if cfg.model.vocab_size is None:
@@ -229,7 +231,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         n_params = cfg.model.num_parameters(model.padded_vocab_size)
         print(
             f"l2e-dist: world={layout.world_size} tp={layout.tp_size} dp={layout.dp_size} "
-            f"zero={cfg.deepspeed.zero_stage} precision={cfg.deepspeed.precision} params={n_params / 1e6:.2f}M "
+            f"zero={_zero_description(cfg, dp_size)} precision={cfg.deepspeed.precision} params={n_params / 1e6:.2f}M "
             f"gas={gas} l2e={cfg.l2e.method} device={device.type} resume_step={start_step}",
             flush=True,
         )
@@ -343,6 +345,13 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         l2e_state=inhibitor.state_dict() if inhibitor is not None else None,
         valid_metrics=valid_metrics,
     )
+
+
+def _zero_description(cfg: RunConfig, dp_size: int) -> str:
+    stage = effective_zero_stage(cfg, dp_size)
+    if stage == cfg.deepspeed.zero_stage:
+        return str(stage)
+    return f"{stage} (deepspeed.zero_stage={cfg.deepspeed.zero_stage} partitions nothing at dp=1 in fp32)"
 
 
 def _rank0_requeued(requeued: bool, device) -> bool:
