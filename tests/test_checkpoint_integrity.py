@@ -58,6 +58,19 @@ def test_truncated_shard_falls_back_to_the_previous_checkpoint(ckpt_dir):
     assert _digest(ckpt_dir / "global_step7") == before
 
 
+def test_flipped_byte_in_tensor_data_fails_the_checksum_and_falls_back(ckpt_dir):
+    # Same size, pickle structure intact, one tensor byte changed: only the sha256 can tell.
+    shard = ckpt_dir / "global_step8" / SHARD
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert verify_checkpoint(ckpt_dir / "global_step8") is None  # the cheap check (sizes) cannot see it
+    assert safe_load(shard) is not None  # nor can loading it
+    assert "does not match its sha256" in verify_checkpoint(ckpt_dir / "global_step8", deep=True)
+    with pytest.warns(UserWarning, match="falling back to global_step7"):
+        assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step7"
+
+
 def test_missing_shard_is_detected_with_and_without_manifest(ckpt_dir):
     (ckpt_dir / "global_step8" / SHARD).unlink()
     assert "is missing" in verify_checkpoint(ckpt_dir / "global_step8")
@@ -111,12 +124,15 @@ def test_a_file_that_runs_code_when_unpickled_is_refused_unrun(ckpt_dir, tmp_pat
     assert not marker.exists()
 
 
-def test_manifest_lists_every_file_with_its_size(ckpt_dir):
+def test_manifest_lists_every_file_with_its_size_and_sha256(ckpt_dir):
     step8 = ckpt_dir / "global_step8"
     files = json.loads((step8 / "manifest.json").read_text())["files"]
     on_disk = {p.name: p.stat().st_size for p in step8.iterdir() if p.name != "manifest.json"}
     assert files == on_disk
     assert {"rank_state_0.pt", "rank_state_1.pt", SHARD} <= set(files)
+    # the digests were computed by the two ranks in parallel at save time: they match the files' own
+    digests = json.loads((step8 / "manifest.json").read_text())["sha256"]
+    assert digests == {name: hashlib.sha256((step8 / name).read_bytes()).hexdigest() for name in files}
 
 
 def test_resume_refuses_another_model_or_data_position(source):

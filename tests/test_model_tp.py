@@ -39,13 +39,25 @@ def _forward_backward(tp: int, overrides: dict) -> dict:
         dist.all_gather(parts, t.contiguous(), group=group)
         return merge_shards(name, parts)
 
-    logits = gather("embed_out.weight", model(tokens[:, :-1]).detach().transpose(0, -1)).transpose(0, -1)
+    real_all_reduce, calls = dist.all_reduce, []
+
+    def counting_all_reduce(*args, **kwargs):
+        calls.append(1)
+        return real_all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce  # megatron's mappings call torch.distributed.all_reduce
+    try:
+        logits = model(tokens[:, :-1]).detach()  # forward without labels: logits stay sharded
+    finally:
+        dist.all_reduce = real_all_reduce
+    logits = gather("embed_out.weight", logits.transpose(0, -1)).transpose(0, -1)
     loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
     loss.backward()
     grads = {n: gather(n, p.grad) for n, p in model.named_parameters()}
     weights = {n: gather(n, p.detach()) for n, p in model.named_parameters()}
     destroy_process_groups()
-    return {"logits": logits, "loss": loss.detach(), "grads": grads, "weights": weights}
+    return {"logits": logits, "loss": loss.detach(), "grads": grads, "weights": weights,
+            "forward_all_reduces": len(calls)}
 
 
 @pytest.mark.parametrize("overrides", [{}, {"use_parallel_residual": False, "gelu_approximate": "none"}])
@@ -60,6 +72,11 @@ def test_tp2_equals_tp1(overrides):
         assert ref["grads"].keys() == rank_result["grads"].keys()
         for name, g in ref["grads"].items():
             torch.testing.assert_close(rank_result["grads"][name], g, rtol=0, atol=1e-5, msg=name)
+        # TP all-reduces in a forward: the embedding's, then one per layer with the parallel residual (both
+        # branches' partial sums reduced together) or two per layer without it.
+        per_layer = 2 if overrides.get("use_parallel_residual") is False else 1
+        assert rank_result["forward_all_reduces"] == 1 + per_layer * _model_cfg().num_layers
+    assert ref["forward_all_reduces"] == 0
     # the test is not vacuous: gradients are non-trivial everywhere
     assert all(g.abs().sum() > 0 for g in ref["grads"].values())
 

@@ -1,7 +1,7 @@
 """Atomic, verified training checkpoints on top of DeepSpeed's (ZeRO-sharded) checkpoint files, and resume.
 
 Layout under `<output_dir>/checkpoints/`:
-    global_step<N>/          DeepSpeed files + rank_state_<r>.pt (RNG) + manifest.json (file sizes)
+    global_step<N>/          DeepSpeed files + rank_state_<r>.pt (RNG) + manifest.json (file sizes, sha256)
     latest                   text file naming the newest complete tag, written last
 
 A checkpoint is written into `.tmp-global_step<N>/`, fsynced, given a manifest, renamed, and only then `latest`
@@ -13,8 +13,9 @@ and the client state: step, consumed_samples (the data position: the sampler is 
 step), the resolved run config, the L2E state (full width, identical on all ranks), the optimizer's parameter
 names (stage 0 stores them by index only); plus every rank's RNG states.
 
-Resume (`resume`): rank 0 picks the newest checkpoint that verifies (every manifest file present with its size,
-every .pt file loadable with torch.load(weights_only=True)), falling back to older ones with a warning. Same
+Resume (`resume`): rank 0 picks the newest checkpoint that verifies (every manifest file present with its size
+and sha256, every .pt file loadable with torch.load(weights_only=True)), falling back to older ones with a
+warning. The checksums are computed at save time by all ranks in parallel (file i by rank i % world size). Same
 layout (TP, DP, ZeRO stage, precision, padded vocab): DeepSpeed's native load, bit-exact, RNG states restored.
 Another layout: l2e_dist.checkpoint.reshard, RNG re-seeded from (seed, step, rank).
 
@@ -27,6 +28,7 @@ DeepSpeed's loader see the files, and the pickle opcodes it executes are the one
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -98,25 +100,48 @@ def reseed_for_resume(seed: int, step: int, rank: int) -> None:
         torch.cuda.manual_seed(derived)
 
 
-def write_manifest(ckpt: Path) -> None:
-    """Record every file's size (fsynced first) so a missing or truncated shard is detected on load."""
-    files = {}
-    for path in sorted(ckpt.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            _fsync(path)
-            files[str(path.relative_to(ckpt))] = path.stat().st_size
-    _atomic_write_text(ckpt / MANIFEST, json.dumps({"files": files}, indent=1))
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _checkpoint_files(ckpt: Path) -> list[Path]:
+    return [p for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST]
+
+
+def write_manifest(ckpt: Path, sha256: dict[str, str] | None = None) -> None:
+    """Record every file's size and sha256 (fsynced first) so that a missing, truncated or corrupted shard is
+    detected on load. `sha256` (relative path -> digest) when already computed, e.g. by all ranks in parallel."""
+    files, digests = {}, {}
+    for path in _checkpoint_files(ckpt):
+        rel = str(path.relative_to(ckpt))
+        _fsync(path)
+        files[rel] = path.stat().st_size
+        digests[rel] = sha256[rel] if sha256 and rel in sha256 else file_sha256(path)
+    _atomic_write_text(ckpt / MANIFEST, json.dumps({"files": files, "sha256": digests}, indent=1))
+
+
+def _parallel_sha256(ckpt: Path) -> dict[str, str]:
+    """Collective: every rank hashes its share of the checkpoint's files (file i on rank i % world size)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {
+        str(p.relative_to(ckpt)): file_sha256(p) for i, p in enumerate(_checkpoint_files(ckpt)) if i % world == rank
+    }
+    shares: list[dict[str, str] | None] = [None] * world
+    dist.all_gather_object(shares, mine)
+    return {rel: digest for share in shares for rel, digest in (share or {}).items()}
 
 
 def verify_checkpoint(ckpt: Path, deep: bool = False) -> str | None:
-    """None when every file in the manifest exists with its recorded size (and, `deep`, every .pt file loads
-    with weights_only=True), else what is wrong."""
+    """None when every file in the manifest exists with its recorded size (and, `deep`, its recorded sha256,
+    and every .pt file loads with weights_only=True), else what is wrong."""
     manifest = ckpt / MANIFEST
     if not manifest.is_file():
         return f"{manifest} is missing (incomplete checkpoint)"
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as exc:
+        record = json.loads(manifest.read_text())
+        files, digests = record["files"], record.get("sha256", {})
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"{manifest} is unreadable: {exc}"
     for rel, size in files.items():
         path = ckpt / rel
@@ -127,6 +152,9 @@ def verify_checkpoint(ckpt: Path, deep: bool = False) -> str | None:
     if deep:
         from l2e_dist.checkpoint.ds_files import CheckpointFormatError, safe_load
 
+        for rel in files:
+            if rel in digests and file_sha256(ckpt / rel) != digests[rel]:
+                return f"{ckpt / rel} does not match its sha256 in {MANIFEST} (corrupt: changed after it was saved)"
         for rel in files:
             if rel.endswith(".pt"):
                 try:
@@ -204,8 +232,9 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
     engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client_state, save_latest=False)
     torch.save(rng_state(), tmp / f"rank_state_{rank}.pt")
     dist.barrier()
+    sha256 = _parallel_sha256(tmp)
     if rank == 0:
-        write_manifest(tmp)
+        write_manifest(tmp, sha256)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -26,6 +26,7 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    reduce_from_tensor_model_parallel_region,
     vocab_parallel_cross_entropy,
 )
 from megatron.core.transformer import TransformerConfig
@@ -224,13 +225,14 @@ class ParallelAttention(nn.Module):
             h, h, config=mcfg, init_method=init_out, bias=True, input_is_parallel=True, skip_bias_add=False
         )
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """reduce=False (TP>1): this rank's partial sum of the output projection, without bias."""
         b, s, _ = x.shape
         qkv = _linear(self.query_key_value, x, self.tp_size)
         q, k, v = split_qkv_rotary(qkv.view(b, s, self.heads_local, 3 * self.head_dim), cos, sin, self.rotary_dims)
         ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         ctx = ctx.transpose(1, 2).reshape(b, s, self.heads_local * self.head_dim)
-        return _linear(self.dense, ctx, self.tp_size)
+        return _linear(self.dense, ctx, self.tp_size) if reduce else F.linear(ctx, self.dense.weight)
 
 
 class ParallelMLP(nn.Module):
@@ -254,19 +256,24 @@ class ParallelMLP(nn.Module):
         self.pre_act_probe = nn.Identity()
         self.post_act_probe = nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """reduce=False (TP>1): this rank's partial sum of the output projection, without bias."""
         hidden = _linear(self.dense_h_to_4h, x, self.tp_size)
         hidden = self.pre_act_probe(hidden)
         hidden = F.gelu(hidden, approximate=self.gelu_approximate)
         hidden = self.post_act_probe(hidden)
+        if not reduce:
+            return F.linear(hidden, self.dense_4h_to_h.weight)
         return _linear(self.dense_4h_to_h, hidden, self.tp_size)
 
 
 class ParallelResidualLayer(nn.Module):
     """GPT-NeoX layer: x + attn(ln1(x)) + mlp(ln2(x)) (or sequential when use_parallel_residual is false).
 
-    megatron-core has no parallel-residual layer; this is it. Both branch outputs come out of row-parallel
-    layers already reduced over TP, and their biases are full (replicated) tensors.
+    megatron-core has no parallel-residual layer; this is it. At TP>1 with the parallel residual, the two
+    row-parallel partial sums are added first and all-reduced once (one collective per layer instead of two, as
+    in GPT-NeoX), then the two full (replicated) biases are added; otherwise each branch is reduced by its
+    RowParallelLinear.
     """
 
     def __init__(self, cfg: ModelConfig, mcfg: TransformerConfig, init_in, init_out):
@@ -278,6 +285,11 @@ class ParallelResidualLayer(nn.Module):
         self.mlp = ParallelMLP(cfg, mcfg, init_in, init_out)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.use_parallel_residual and self.attention.tp_size > 1:
+            partial = self.attention(self.input_layernorm(x), cos, sin, reduce=False)
+            partial = partial + self.mlp(self.post_attention_layernorm(x), reduce=False)
+            out = reduce_from_tensor_model_parallel_region(partial)  # backward: identity, as megatron's row layers
+            return x + out + (self.attention.dense.bias + self.mlp.dense_4h_to_h.bias)
         attn = self.attention(self.input_layernorm(x), cos, sin)
         if self.use_parallel_residual:
             return x + attn + self.mlp(self.post_attention_layernorm(x))
