@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from launcher import quiet_known_warnings
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from l2e_dist.training.bench import VARIANTS
@@ -44,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_known_warnings()
     from l2e_dist.config_utils import ConfigError
     from l2e_dist.training.bench import BenchSettings, format_table, run_benchmark, write_report
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
+
+from launcher import quiet_known_warnings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,15 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _quiet_known_warnings() -> None:
-    """megatron-core warns on every import that TE/Apex are absent (expected here) and about a config default."""
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _quiet_known_warnings()
+    quiet_known_warnings()
     from l2e_dist.config import load_config
     from l2e_dist.config_utils import ConfigError
 

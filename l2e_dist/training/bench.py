@@ -231,14 +231,13 @@ def initial_weights(cfg: RunConfig) -> dict[str, torch.Tensor]:
 
 
 def _build_ours(cfg: RunConfig, device: torch.device) -> _Variant:
-    import deepspeed
     from megatron.core import parallel_state
 
     from l2e_dist.l2e.hooks import attach
     from l2e_dist.l2e.inhibitor import L2EInhibitor
     from l2e_dist.model.gpt_neox import GPTNeoX
-    from l2e_dist.parallel.state import DeepSpeedMpu, current_layout, tensor_and_data_parallel_group
-    from l2e_dist.training.optim import build_optimizer, build_scheduler, deepspeed_config
+    from l2e_dist.parallel.state import current_layout, tensor_and_data_parallel_group
+    from l2e_dist.training.optim import initialize_engine
     from l2e_dist.training.trainer import seed_everything
 
     layout = current_layout()
@@ -255,11 +254,7 @@ def _build_ours(cfg: RunConfig, device: torch.device) -> _Variant:
         )
         probes = model.mlp_probes(cfg.l2e.activation)
         attach(inhibitor, {layer: probes[layer] for layer in layers})
-    optimizer = build_optimizer(model, cfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, cfg),
-        config=deepspeed_config(cfg, layout.dp_size), mpu=DeepSpeedMpu(),
-    )
+    engine = initialize_engine(model, cfg, layout.dp_size)
     engine.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 

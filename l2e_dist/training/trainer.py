@@ -29,14 +29,13 @@ from l2e_dist.l2e.hooks import attach as attach_l2e
 from l2e_dist.l2e.inhibitor import L2EInhibitor
 from l2e_dist.model.gpt_neox import GPTNeoX
 from l2e_dist.parallel.state import (
-    DeepSpeedMpu,
     ParallelLayout,
     default_device,
     init_process_groups,
     tensor_and_data_parallel_group,
 )
 from l2e_dist.training.metrics import MetricsLogger
-from l2e_dist.training.optim import build_optimizer, build_scheduler, deepspeed_config, effective_zero_stage
+from l2e_dist.training.optim import effective_zero_stage, initialize_engine
 from l2e_dist.training.preemption import PreemptionHandler, start_watchdog
 
 # Peak dense bf16/fp16 TFLOP/s per device, for the MFU estimate (None: unknown, MFU not reported).
@@ -192,23 +191,13 @@ def pretrain(cfg: RunConfig) -> TrainResult:
             "set model.vocab_size to null or at least the tokenizer vocabulary"
         )
 
-    import deepspeed  # deferred: importing it prints accelerator probing noise
-
     seed_everything(cfg.train.seed)  # identical init on every rank and every TP size
     model = GPTNeoX(cfg.model)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.init_from:  # weights only (fresh optimizer); a checkpoint to resume from overrides them
         load_init_weights(model, cfg.train.init_from, layout.tp_rank, layout.tp_size)
     inhibitor = _build_inhibitor(cfg, model, layout, gas, device)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, dp_size),
-        mpu=DeepSpeedMpu(),
-    )
+    engine = initialize_engine(model, cfg, dp_size)
 
     watchdog = start_watchdog(cfg.parallel.watchdog_timeout_s) if cfg.parallel.watchdog_timeout_s else None
     out_dir = Path(cfg.train.output_dir)
