@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import gzip
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import zstandard
@@ -141,17 +141,9 @@ def _parquet_batches(path: str, size: int, fields: list[str]) -> Iterator[tuple[
             f"{path} has no column {fields[0].split('.', 1)[0]!r} (columns: {', '.join(sorted(present))}): "
             "set --text-field"
         )
-    batch: list[dict] = []
-    first = 1
-    for record_batch in parquet.iter_batches(batch_size=size, columns=columns):
-        for row in record_batch.to_pylist():
-            batch.append(row)
-            if len(batch) == size:
-                yield first, batch
-                first += size
-                batch = []
-    if batch:
-        yield first, batch
+    rows = (row for record_batch in parquet.iter_batches(batch_size=size, columns=columns)
+            for row in record_batch.to_pylist())
+    yield from _numbered_batches(rows, size)
 
 
 def _hf_batches(name: str, config: str | None, split: str, data_files: list[str] | None,
@@ -159,9 +151,14 @@ def _hf_batches(name: str, config: str | None, split: str, data_files: list[str]
     import datasets
 
     stream = datasets.load_dataset(name, config, split=split, data_files=data_files or None, streaming=True)
+    yield from _numbered_batches(stream, size)
+
+
+def _numbered_batches(rows: Iterable[dict], size: int) -> Iterator[tuple[int, list[dict]]]:
+    """(1-based number of the first row, rows) in batches of `size`; the last batch may be shorter."""
     batch: list[dict] = []
     first = 1
-    for row in stream:
+    for row in rows:
         batch.append(row)
         if len(batch) == size:
             yield first, batch

@@ -238,7 +238,7 @@ def _build_ours(cfg: RunConfig, device: torch.device) -> _Variant:
     from l2e_dist.model.gpt_neox import GPTNeoX
     from l2e_dist.parallel.state import current_layout, tensor_and_data_parallel_group
     from l2e_dist.training.optim import initialize_engine
-    from l2e_dist.training.trainer import seed_everything
+    from l2e_dist.training.trainer import seed_everything, train_micro_batch
 
     layout = current_layout()
     gas = cfg.train.global_batch_size // cfg.train.micro_batch_size
@@ -262,12 +262,7 @@ def _build_ours(cfg: RunConfig, device: torch.device) -> _Variant:
         # The trainer's inner loop (l2e_dist/training/trainer.py: pretrain), minus data loading and logging.
         loss_sum.zero_()
         for tokens in batch:
-            lm_loss = engine(tokens[:, :-1], tokens[:, 1:]).mean()
-            loss = lm_loss + inhibitor.regularization_loss() if inhibitor is not None else lm_loss
-            engine.backward(loss)
-            engine.step()
-            if inhibitor is not None:
-                inhibitor.finish_micro_batch()
+            lm_loss = train_micro_batch(engine, inhibitor, tokens)
             loss_sum.add_(lm_loss.detach().double() / gas)
         return loss_sum
 

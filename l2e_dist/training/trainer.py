@@ -251,12 +251,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
             tokens = micro["tokens"].to(device)
             if inhibitor is not None:
                 inhibitor.set_features(micro["features"][:, :-1].to(device) if cfg.l2e.fkr else None)
-            lm_loss = engine(tokens[:, :-1], tokens[:, 1:]).mean()
-            loss = lm_loss + inhibitor.regularization_loss() if inhibitor is not None else lm_loss
-            engine.backward(loss)
-            engine.step()
-            if inhibitor is not None:
-                inhibitor.finish_micro_batch()
+            lm_loss = train_micro_batch(engine, inhibitor, tokens)
             loss_sum += lm_loss.detach().double() / gas
         steps_since_log += 1
 
@@ -334,6 +329,18 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         l2e_state=inhibitor.state_dict() if inhibitor is not None else None,
         valid_metrics=valid_metrics,
     )
+
+
+def train_micro_batch(engine, inhibitor: L2EInhibitor | None, tokens: torch.Tensor) -> torch.Tensor:
+    """Forward, LM loss + L2E regularizer, backward, engine step (DeepSpeed applies the optimizer only at the
+    gradient-accumulation boundary), then the L2E statistics merge. Returns the mean LM loss."""
+    lm_loss = engine(tokens[:, :-1], tokens[:, 1:]).mean()
+    loss = lm_loss + inhibitor.regularization_loss() if inhibitor is not None else lm_loss
+    engine.backward(loss)
+    engine.step()
+    if inhibitor is not None:
+        inhibitor.finish_micro_batch()
+    return lm_loss
 
 
 def _zero_description(cfg: RunConfig, dp_size: int) -> str:
