@@ -147,7 +147,10 @@ MPI_SCRIPT = textwrap.dedent(
     dist.init_process_group("gloo")
     total = torch.tensor([float(found.rank + 1)])
     dist.all_reduce(total)
-    print("mpi-probe", found.rank, found.world_size, found.local_rank, found.source, int(total.item()), flush=True)
+    # One file per rank: mpirun forwards the ranks' stdout in chunks that can interleave mid-line.
+    line = f"mpi-probe {found.rank} {found.world_size} {found.local_rank} {found.source} {int(total.item())}"
+    with open(os.path.join(os.environ["PROBE_DIR"], f"rank{found.rank}.txt"), "w") as f:
+        f.write(line)
     dist.destroy_process_group()
     """
 )
@@ -155,7 +158,7 @@ MPI_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (openmpi-bin) not installed")
-def test_mpirun_ranks_come_from_mpi4py() -> None:
+def test_mpirun_ranks_come_from_mpi4py(tmp_path: Path) -> None:
     env = {
         **{
             k: v
@@ -166,6 +169,7 @@ def test_mpirun_ranks_come_from_mpi4py() -> None:
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(REPO),
+        "PROBE_DIR": str(tmp_path),
     }
     done = subprocess.run(
         ["mpirun", "-n", "2", "--oversubscribe", sys.executable, "-c", MPI_SCRIPT],
@@ -176,5 +180,6 @@ def test_mpirun_ranks_come_from_mpi4py() -> None:
         cwd=REPO,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    found = sorted(re.findall(r"mpi-probe (\d+) (\d+) (\d+) (\w+) (\d+)", done.stdout))
+    text = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.txt")))
+    found = sorted(re.findall(r"mpi-probe (\d+) (\d+) (\d+) (\w+) (\d+)", text))
     assert found == [("0", "2", "0", "mpi", "3"), ("1", "2", "1", "mpi", "3")], done.stdout + done.stderr
