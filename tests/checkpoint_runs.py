@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from l2e_dist.parallel.launch_env import free_port
 from tests.conftest import ROOT, small_run_overrides
-from tests.distributed import free_port
 
 STEPS = 8
 LAYOUTS = {  # both on 2 processes

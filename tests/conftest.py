@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -68,3 +70,27 @@ def pretrain_losses(overrides: list[str]) -> list[float]:
 
 
 sys.path.insert(0, str(ROOT))
+
+
+# ------------------------------------------------------------------------------- reading a trainer run's logs
+
+# metrics.jsonl keys that measure time or memory: they differ between otherwise identical runs.
+TIMING_KEYS = {
+    "train/tokens_per_s",
+    "train/step_time_s",
+    "train/max_rss_gib",
+    "train/max_mem_gib",
+    "train/mfu",
+}
+
+
+def logged_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
+    """step -> its deterministic training metrics in metrics.jsonl (a later record of a step wins)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return {r["step"]: {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records}
+
+
+def final_loss(text: str) -> str:
+    losses = re.findall(r"^final loss (\S+)$", text, flags=re.M)
+    assert len(losses) == 1, text
+    return losses[0]

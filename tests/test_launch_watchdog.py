@@ -14,6 +14,7 @@ import pytest
 
 from l2e_dist.parallel.launch_env import free_port
 from l2e_dist.training.preemption import _STORE_GRACE_S
+from tests.distributed import rank_env
 
 REPO = Path(__file__).resolve().parents[1]
 WATCHDOG_S = 4.0
@@ -75,15 +76,7 @@ def launch_probe_world(tmp_path: Path, world_size: int, how: str) -> list[subpro
     port = free_port()
     procs = []
     for rank in range(world_size):
-        env = {
-            **base_env(),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
+        env = {**base_env(), **rank_env(rank, world_size, port)}
         cmd = [
             sys.executable,
             "-m",

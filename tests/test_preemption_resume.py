@@ -10,7 +10,6 @@ would hide both the 75 and the watchdog's diagnosis.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -23,7 +22,8 @@ import pytest
 
 from l2e_dist.parallel.launch_env import free_port
 from l2e_dist.training.preemption import _STORE_GRACE_S
-from tests.conftest import ROOT, small_run_overrides
+from tests.conftest import ROOT, final_loss, logged_metrics, small_run_overrides
+from tests.distributed import rank_env
 
 WORLD_SIZE = 2
 STEPS = 30
@@ -31,13 +31,6 @@ WATCHDOG_S = 8
 # From the last heartbeat before the failure: the watchdog deadline, one poll (timeout / 10), rank 0's grace
 # for the peers' reports, and slack for process teardown on a loaded 2-core machine.
 WATCHDOG_BOUND_S = WATCHDOG_S + WATCHDOG_S / 10 + _STORE_GRACE_S + 6
-TIMING_KEYS = {
-    "train/tokens_per_s",
-    "train/step_time_s",
-    "train/max_rss_gib",
-    "train/max_mem_gib",
-    "train/mfu",
-}
 
 pytestmark = pytest.mark.slow
 
@@ -65,20 +58,10 @@ class Ranks:
     def __init__(self, command: list[str], log_dir: Path, name: str, world_size: int = WORLD_SIZE):
         self.logs = [log_dir / f"{name}-rank{rank}.log" for rank in range(world_size)]
         base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI"))}
-        port = str(free_port())
+        port = free_port()
         self.procs = []
         for rank, log in enumerate(self.logs):
-            env = {
-                **base,
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(world_size),
-                "LOCAL_WORLD_SIZE": str(world_size),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-                "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": str(ROOT),
-            }
+            env = {**base, **rank_env(rank, world_size, port), "PYTHONPATH": str(ROOT)}
             with open(log, "w") as handle:
                 self.procs.append(
                     subprocess.Popen(
@@ -127,18 +110,6 @@ def launch():
     yield start
     for ranks in started:
         ranks.kill()
-
-
-def logged_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
-    """step -> its deterministic training metrics in metrics.jsonl (a later record of a step wins)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return {r["step"]: {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records}
-
-
-def final_loss(text: str) -> str:
-    losses = re.findall(r"^final loss (\S+)$", text, flags=re.M)
-    assert len(losses) == 1, text
-    return losses[0]
 
 
 def test_usr1_to_one_rank_checkpoints_exits_75_and_rerun_matches_uninterrupted(

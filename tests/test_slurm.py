@@ -8,7 +8,6 @@ root, packages not installable).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from l2e_dist.training.preemption import _STORE_GRACE_S
-from tests.conftest import small_run_overrides
+from tests.conftest import final_loss, logged_metrics, small_run_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
@@ -42,13 +41,6 @@ KILL_WAIT_S = 10  # KillWait in scripts/local_slurm.sh: SIGTERM -> SIGKILL when 
 # frozen rank first the watchdog deadline + one poll + rank 0's grace for the peers' reports.
 KILL_BOUND_S = KILL_WAIT_S + 5
 FREEZE_BOUND_S = WATCHDOG_S + WATCHDOG_S / 10 + _STORE_GRACE_S + KILL_WAIT_S + 5
-TIMING_KEYS = {
-    "train/tokens_per_s",
-    "train/step_time_s",
-    "train/max_rss_gib",
-    "train/max_mem_gib",
-    "train/mfu",
-}
 RANK_LINE = re.compile(
     r"^l2e-dist: rank (\d+)/(\d+) local (\d+)/(\d+) host (\S+) master (\S+) via (\w+)$", re.M
 )
@@ -151,20 +143,8 @@ def rank_pid(job_id: str, rank: int) -> int:
     pytest.fail(f"no training process of rank {rank} in job {job_id}")
 
 
-def final_loss(text: str) -> str:
-    losses = re.findall(r"^final loss (\S+)$", text, flags=re.M)
-    assert len(losses) == 1, text
-    return losses[0]
-
-
 def ranks_seen(text: str) -> set[tuple[str, ...]]:
     return set(RANK_LINE.findall(text))
-
-
-def logged_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
-    """step -> its deterministic training metrics in metrics.jsonl (a later record of a step wins)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return {r["step"]: {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records}
 
 
 class Job:
