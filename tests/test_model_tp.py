@@ -81,10 +81,23 @@ def test_tp2_equals_tp1(overrides):
     assert all(g.abs().sum() > 0 for g in ref["grads"].values())
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dims: int) -> torch.Tensor:
+    """Reference rotary as GPT-NeoX/HF write it. x: [b, heads, s, d]; rotate the first `rotary_dims` dims."""
+    if rotary_dims == 0:
+        return x
+    rot, rest = x[..., :rotary_dims], x[..., rotary_dims:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+
 @pytest.mark.parametrize("rotary_dims", [0, 4, 16])
 def test_split_qkv_rotary_matches_the_reference_rotary(rotary_dims):
     # The fused split+rotary (values and gradients) against view/transpose/split + apply_rotary, in float64.
-    from l2e_dist.model.gpt_neox import RotaryEmbedding, apply_rotary, split_qkv_rotary
+    from l2e_dist.model.gpt_neox import RotaryEmbedding, split_qkv_rotary
 
     b, s, heads, hd = 2, 7, 3, 16
     gen = torch.Generator().manual_seed(0)

@@ -131,21 +131,6 @@ class RotaryEmbedding(nn.Module):
         return self._cache[2][:seq_len], self._cache[3][:seq_len]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dims: int) -> torch.Tensor:
-    """Reference rotary (GPT-NeoX/HF formulation). x: [b, heads, s, d]; rotate the first `rotary_dims` dims,
-    pass the rest through. The model uses `split_qkv_rotary`, which computes the same thing in fewer passes."""
-    if rotary_dims == 0:
-        return x
-    rot, rest = x[..., :rotary_dims], x[..., rotary_dims:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
-
-
 class _SplitQKVRotary(torch.autograd.Function):
     """qkv [b, s, heads, 3*head_dim] (per-head q|k|v) -> contiguous q, k, v [b, heads, s, head_dim], with rotary
     applied to q and k.
@@ -205,7 +190,7 @@ def _rotate_into(out: torch.Tensor, x: torch.Tensor, c: torch.Tensor, s: torch.T
 
 def split_qkv_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dims: int):
     """q, k, v [b, heads, s, head_dim] from qkv [b, s, heads, 3*head_dim]; equal to view/transpose/split then
-    `apply_rotary` on q and k (tests/test_model_tp.py checks values and gradients)."""
+    GPT-NeoX's rotate_half rotary on q and k (tests/test_model_tp.py checks values and gradients against it)."""
     return _SplitQKVRotary.apply(qkv, cos, sin, rotary_dims)
 
 
