@@ -32,14 +32,25 @@ def _check_layer_against_references(z: np.ndarray, features: np.ndarray, names: 
     mean, var = z.astype(np.float64).mean(axis=0), z.astype(np.float64).var(axis=0, ddof=1)
     phi = (z - mean) ** 2 / (var + eps * var.mean())
     flat = phi.ravel()
+    # Counts at a threshold: with rtol > 1e-9 the reference activations are recomputed by another model
+    # (transformers), so a score within rtol of the threshold may fall on either side. The count must then
+    # lie between the counts at the threshold moved by 10 x rtol either way; at rtol 1e-9 that band is empty.
+    band = 10 * rtol
+
+    def check_count(got: float, values: np.ndarray, threshold: float) -> None:
+        strict, loose = np.mean(values >= threshold * (1 + band)), np.mean(values >= threshold * (1 - band))
+        assert strict - 1e-12 <= got <= loose + 1e-12, (got, strict, loose)
+
     for row in layer["thresholds"]:
         tau = np.quantile(flat, 1 - row["p"])
         assert row["tau"] == pytest.approx(tau, rel=rtol)
-        assert row["selected_frac"] == pytest.approx(np.mean(flat >= row["tau"]))
-        assert row["neurons_selected_frac"] == pytest.approx(np.mean((phi >= row["tau"]).any(axis=0)))
-        assert row["fkr"] == pytest.approx(_reference_fkr(phi, features, row["tau"]))
+        check_count(row["selected_frac"], flat, row["tau"])
+        check_count(row["neurons_selected_frac"], phi.max(axis=0), row["tau"])
+        in_band = np.sum(np.abs(flat - row["tau"]) <= band * row["tau"])
+        fkr_tolerance = in_band / max(1, np.sum(flat >= row["tau"] * (1 + band))) + 1e-9
+        assert abs(row["fkr"] - _reference_fkr(phi, features, row["tau"])) <= fkr_tolerance
     for entry in layer["reference"]:
-        assert entry["frac_above"] == pytest.approx(np.mean(flat >= entry["score"]))
+        check_count(entry["frac_above"], flat, entry["score"])
     for label, row in enumerate(layer["features"]):
         assert row["name"] == names[label]
         member = features == label

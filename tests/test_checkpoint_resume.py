@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,10 @@ def _newest_complete(ckpt_dir: Path) -> str:
 @pytest.mark.parametrize("layout, damage", [("tp2_zero1", "latest"), ("dp2_zero3", "shard")])
 def test_sigkill_then_resume_is_exact(layout, damage, reference_runs, tmp_path, data_cache):
     reference = read_losses(reference_runs[layout] / "metrics.jsonl")
-    kill_step = random.Random().randint(2, STEPS - 3)
+    # Seeded (reproducible), printed, and varied on purpose with L2E_TEST_SEED=<int>.
+    seed = int(os.environ.get("L2E_TEST_SEED", "0")) + zlib.crc32(layout.encode())
+    kill_step = random.Random(seed).randint(2, STEPS - 3)
+    print(f"kill step {kill_step} (seed {seed}; set L2E_TEST_SEED to vary it)")
     overrides = run_overrides(tmp_path, data_cache, layout, keep_last_n=2)
     ckpt_dir = tmp_path / "checkpoints"
     _kill_at_checkpoint(overrides, ckpt_dir, kill_step)
@@ -117,7 +121,7 @@ def test_sigkill_then_resume_is_exact(layout, damage, reference_runs, tmp_path, 
         expect_warning = f"skipping checkpoint {newest}"
     offset = (tmp_path / "metrics.jsonl").stat().st_size
     proc = run_training(overrides)
-    assert expect_warning in proc.stderr, proc.stderr[-3000:]
+    assert expect_warning in proc.stderr, f"kill step {kill_step} (seed {seed}): " + proc.stderr[-3000:]
     start = resumed_step(proc.stdout)
     newest_step = int(newest.removeprefix("global_step"))
     assert start == (newest_step if damage == "latest" else newest_step - 1)

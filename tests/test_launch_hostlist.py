@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -34,9 +35,13 @@ def test_expand_hostlist(hostlist: str) -> None:
 
 @pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol (Slurm client) not installed")
 @pytest.mark.parametrize("hostlist", sorted(CASES))
-def test_expand_hostlist_matches_scontrol(hostlist: str) -> None:
+def test_expand_hostlist_matches_scontrol(hostlist: str, tmp_path: Path) -> None:
+    # `scontrol show hostnames` needs a configuration source, not a running cluster: a two-line slurm.conf.
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=hostlist\nSlurmctldHost=localhost\n")
     reference = subprocess.run(
-        ["scontrol", "show", "hostnames", hostlist], capture_output=True, text=True, check=True
+        ["scontrol", "show", "hostnames", hostlist],
+        capture_output=True, text=True, check=True, env={**os.environ, "SLURM_CONF": str(conf)},
     ).stdout.split()
     assert expand_hostlist(hostlist) == reference
 
