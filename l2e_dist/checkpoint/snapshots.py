@@ -59,6 +59,15 @@ def is_model_directory(path: str | Path) -> bool:
     return (path / "config.json").is_file() or any(path.glob("*_model_states.pt"))
 
 
+def run_snapshots(path: str | Path) -> list[tuple[int, Path]]:
+    """The snapshots `path` stands for when it is a run directory (see snapshot_root); [] when it is a
+    single model directory or holds no snapshots."""
+    path = Path(path)
+    if not path.is_dir() or is_model_directory(path):
+        return []
+    return list_snapshots(path)
+
+
 # ------------------------------------------------------------------------------------------- writing
 def full_fp32_weights(engine, keep: bool) -> dict[str, torch.Tensor]:
     """This TP rank's fp32 master weights, each gathered over its ZeRO partitions (collective over the DP
