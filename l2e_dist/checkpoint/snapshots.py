@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -163,7 +162,7 @@ def export_snapshots_hf(run_dir: str | Path, out_dir: str | Path, max_shard_byte
     Returns (written, skipped). A step whose directory is already a complete export is skipped: each export is
     written into a temporary directory and renamed into place, so a killed export never leaves a partial
     step<N>. A snapshot failing verification (sizes, sha256, safe loading) is not exported; the others are,
-    then CheckpointError names the damaged ones."""
+    then CheckpointError names the damaged ones and what is wrong with them."""
     from l2e_dist.checkpoint.convert import export_hf, is_hf_directory
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -182,12 +181,12 @@ def export_snapshots_hf(run_dir: str | Path, out_dir: str | Path, max_shard_byte
             continue
         problem = verify_checkpoint(snapshot, deep=True)
         if problem is not None:
-            warnings.warn(f"snapshot {snapshot} is damaged, not exported: {problem}", stacklevel=2)
-            damaged.append(snapshot.name)
+            damaged.append(problem)
             continue
         written.append(export_hf(snapshot, target, max_shard_bytes=max_shard_bytes))
         log(f"l2e-convert: wrote {target}")
     if damaged:
-        raise CheckpointError(f"snapshots {', '.join(damaged)} of {run_dir} are damaged (see warnings) and were "
-                              f"not exported; the other {len(written) + len(skipped)} are in {out_dir}")
+        raise CheckpointError(f"{len(damaged)} damaged snapshot(s) not exported ({'; '.join(damaged)}); the other "
+                              f"{len(written) + len(skipped)} are in {out_dir}: restore them from a backup or "
+                              "delete them")
     return written, skipped
