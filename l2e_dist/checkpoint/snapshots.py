@@ -13,8 +13,8 @@ to-hf`, `train.init_from`, `l2e-analyze`, `l2e-neuromfa`.
 
 Writing is atomic and verified like a checkpoint: every TP rank's DP-rank-0 process writes its file into
 `.tmp-step<N>/` and hashes it, rank 0 writes the manifest (sizes, sha256) and renames the directory into place.
-An intact snapshot that already exists (a resume re-running steps a killed attempt had snapshotted) is kept: a
-same-layout resume is bit-exact, so it holds the same weights. The trainer writes a step's snapshot before that
+When a resumed run re-runs steps a killed attempt had already snapshotted, the intact snapshots are kept (a
+same-layout resume is bit-exact: they hold the same weights); a run that did not resume replaces what it finds. The trainer writes a step's snapshot before that
 step's resume checkpoint, so a resume never starts past a snapshot that is missing.
 """
 
@@ -98,13 +98,14 @@ def _broadcast(value):
     return box[0]
 
 
-def save_snapshot(engine, snapshot_dir: Path, step: int, client_state: dict) -> Path:
-    """Collective: every rank calls it. Writes `snapshot_dir/step<step>` unless an intact one exists."""
+def save_snapshot(engine, snapshot_dir: Path, step: int, client_state: dict, keep_existing: bool) -> Path:
+    """Collective: every rank calls it. Writes `snapshot_dir/step<step>`, replacing an existing one unless
+    `keep_existing` (the run resumed: snapshots past its checkpoint are a killed attempt's) and it is intact."""
     from megatron.core import parallel_state
 
     rank = dist.get_rank()
     final, tmp = snapshot_dir / f"step{step}", snapshot_dir / f".tmp-step{step}"
-    intact = final.is_dir() and verify_checkpoint(final) is None if rank == 0 else None
+    intact = keep_existing and final.is_dir() and verify_checkpoint(final) is None if rank == 0 else None
     if _broadcast(intact):
         if rank == 0:
             print(f"l2e-dist: snapshot {final} already exists (intact); kept", flush=True)
@@ -133,8 +134,8 @@ def save_snapshot(engine, snapshot_dir: Path, step: int, client_state: dict) -> 
     dist.all_gather_object(shares, digests)
     if rank == 0:
         write_manifest(tmp, {rel: digest for share in shares for rel, digest in (share or {}).items()})
-        if final.exists():  # damaged (failed verification above): replaced
-            shutil.rmtree(final)
+        if final.exists():  # an earlier run's, or damaged. Safe to delete first: a crash before the rename
+            shutil.rmtree(final)  # leaves no checkpoint of this step, so a resume re-runs it and rewrites this
         os.replace(tmp, final)
         _fsync_dir(snapshot_dir)
     dist.barrier()

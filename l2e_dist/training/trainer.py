@@ -206,7 +206,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     start_step = resume(engine, cfg, ckpt_dir, inhibitor) if cfg.train.resume else 0
     snapshot_steps = set(cfg.train.snapshot_steps())
     if start_step == 0 and 0 in snapshot_steps:  # the initialization, before the first update
-        _snapshot(engine, inhibitor, out_dir, 0, cfg)
+        _snapshot(engine, inhibitor, out_dir, 0, cfg, resumed=False)
     is_rank0 = layout.rank == 0
     logger = MetricsLogger(
         str(out_dir),
@@ -301,7 +301,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         stop = preempt.should_stop(step=step) and step < cfg.train.train_iters
         if step in snapshot_steps:  # before this step's resume checkpoint: a resume never skips a snapshot
             _allow_slow_phase(watchdog, step, "snapshot")
-            _snapshot(engine, inhibitor, out_dir, step, cfg)
+            _snapshot(engine, inhibitor, out_dir, step, cfg, resumed=start_step > 0)
         if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or stop:
             if step != cfg.train.train_iters:
                 _allow_slow_phase(watchdog, step, "checkpoint")
@@ -386,5 +386,5 @@ def _save(engine, inhibitor, ckpt_dir: Path, step: int, cfg: RunConfig) -> None:
     save_checkpoint(engine, ckpt_dir, step, _client_state(inhibitor, step, cfg), cfg.train.keep_last_n)
 
 
-def _snapshot(engine, inhibitor, out_dir: Path, step: int, cfg: RunConfig) -> None:
-    save_snapshot(engine, out_dir / SNAPSHOT_DIR, step, _client_state(inhibitor, step, cfg))
+def _snapshot(engine, inhibitor, out_dir: Path, step: int, cfg: RunConfig, resumed: bool) -> None:
+    save_snapshot(engine, out_dir / SNAPSHOT_DIR, step, _client_state(inhibitor, step, cfg), keep_existing=resumed)
