@@ -105,7 +105,9 @@ def save_snapshot(engine, snapshot_dir: Path, step: int, client_state: dict, kee
 
     rank = dist.get_rank()
     final, tmp = snapshot_dir / f"step{step}", snapshot_dir / f".tmp-step{step}"
-    intact = keep_existing and final.is_dir() and verify_checkpoint(final) is None if rank == 0 else None
+    intact = None
+    if rank == 0:
+        intact = keep_existing and final.is_dir() and verify_checkpoint(final) is None
     if _broadcast(intact):
         if rank == 0:
             print(f"l2e-dist: snapshot {final} already exists (intact); kept", flush=True)
