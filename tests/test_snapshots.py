@@ -142,6 +142,21 @@ def test_step0_is_the_initialization_and_last_snapshot_the_last_checkpoint(layou
         assert torch.equal(last.full(name), checkpoint.full(name)), name
 
 
+def test_a_run_that_does_not_resume_replaces_old_snapshots(tmp_path, data_cache):
+    from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
+    from tests.conftest import pretrain_result
+
+    def run(seed: int) -> torch.Tensor:
+        overrides = small_run_overrides(tmp_path, data_cache, **{
+            "train.train_iters": 2, "train.extra_save_steps": [0, 2], "train.seed": seed, "train.resume": False})
+        run_distributed(pretrain_result, 1, overrides)
+        assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["step0", "step2"]
+        return DeepSpeedCheckpoint(tmp_path / "snapshots" / "step0").full("embed_in.weight")
+
+    first, second = run(seed=1), run(seed=2)
+    assert not torch.equal(first, second)  # the second run's initialization, not the first's
+
+
 # ------------------------------------------------------------------------------------------- export
 def _our_logits(snapshots: list[str]) -> list[torch.Tensor]:
     """Our GPTNeoX (TP=1) forward with each snapshot's weights, loaded as train.init_from loads them."""
