@@ -90,6 +90,12 @@ class TrainConfig:
     eval_iters: int = 10
     save_interval: int = 1000  # 0: save only at the end
     keep_last_n: int = 3  # checkpoints kept on disk (0 keeps all)
+    # Weights-only snapshots for training-dynamics studies (output_dir/snapshots/step<N>, never pruned).
+    # "pythia": Pythia's 154-checkpoint schedule: step 0 (the initialization), the powers of two below
+    # save_interval (1, 2, 4, ..., 512 for 1000), every save_interval step and the last step. "interval": none
+    # beyond extra_save_steps. Resume checkpoints stay every save_interval steps, pruned by keep_last_n.
+    save_schedule: Literal["interval", "pythia"] = "interval"
+    extra_save_steps: list[int] = field(default_factory=list)  # more snapshot steps, increasing, 0..train_iters
     output_dir: str = "runs/default"
     resume: bool = True  # continue from output_dir/checkpoints/latest when present
     # Scheduler signals (Slurm: #SBATCH --signal=USR1@<s>) make every rank finish the step, checkpoint and
@@ -122,6 +128,31 @@ class TrainConfig:
                 "global_batch_size",
                 f"{self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}",
             )
+        self._validate_snapshots()
+
+    def _validate_snapshots(self) -> None:
+        if self.save_schedule == "pythia" and self.save_interval == 0:
+            raise ConfigError("save_schedule", "pythia keeps a snapshot every save_interval steps: set "
+                              "train.save_interval > 0 (Pythia: 1000)")
+        steps = self.extra_save_steps
+        for before, after in zip(steps, steps[1:]):
+            if after <= before:
+                raise ConfigError("extra_save_steps", f"must be strictly increasing, got {before} then {after}: "
+                                  "list each step once, in order")
+        if steps and steps[0] < 0:
+            raise ConfigError("extra_save_steps", f"steps must be >= 0 (0 = the initialization), got {steps[0]}")
+        if steps and steps[-1] > self.train_iters:
+            raise ConfigError("extra_save_steps", f"step {steps[-1]} is past train.train_iters={self.train_iters}: "
+                              "drop it or train longer")
+
+    def snapshot_steps(self) -> list[int]:
+        """The steps (0 = before the first update) at which a weights-only snapshot is kept, in order."""
+        steps = set(self.extra_save_steps)
+        if self.save_schedule == "pythia":
+            steps |= {0, self.train_iters}
+            steps |= {2**k for k in range(self.save_interval.bit_length()) if 2**k < self.save_interval}
+            steps |= set(range(self.save_interval, self.train_iters + 1, self.save_interval))
+        return sorted(s for s in steps if s <= self.train_iters)
 
 
 @dataclass

@@ -4,7 +4,9 @@
     l2e-analyze runs/base/export runs/l2e/export --labels baseline l2e --data data/pile_val --out compare
     l2e-analyze EleutherAI-pythia-70m/ --jsonl pile/val.jsonl.zst --tokenizer 20B_tokenizer.json --out pythia70m
 
-Models: HF GPTNeoX directories (our exports, published Pythia checkpoints) or our training checkpoints.
+Models: HF GPTNeoX directories (our exports, published Pythia checkpoints) or our training checkpoints. A run
+directory with snapshots (a run's output_dir, its snapshots/, or an `l2e-convert to-hf --all` output) stands for
+all its snapshots in step order, labelled LABEL/step<N>.
 Data: a labelled .bin/.idx prefix from l2e-prepare-data (documents in a seeded random order), or Pile-format
 jsonl files with --tokenizer (file order). Every model sees the same --max-tokens tokens, packed into rows of
 --seq-length. Statistics and quantiles are exact over that sample; peak memory ~ 40 bytes per (token, neuron) pair
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from l2e_dist.analysis.activations import ModelLoadError
     from l2e_dist.analysis.analyze import AnalysisError, AnalyzeSettings, run_analysis
     from l2e_dist.analysis.samples import SampleError, sample_indexed, sample_jsonl
+    from l2e_dist.checkpoint.snapshots import run_snapshots
     from l2e_dist.data.indexed import DataFileError
     from l2e_dist.data.sources import InputError
     from l2e_dist.data.tokenizer import TokenizerError
@@ -85,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         labels = args.labels or [Path(m).resolve().name for m in args.models]
         if len(labels) != len(args.models):
             raise AnalysisError(f"got {len(labels)} --labels for {len(args.models)} models: give one per model")
+        models = []
+        for label, model in zip(labels, args.models):
+            snapshots = run_snapshots(model)
+            models += [(f"{label}/step{step}", str(path)) for step, path in snapshots] or [(label, model)]
         seq_length = min(args.seq_length, args.max_tokens)
         if args.data:
             sample = sample_indexed(args.data, seq_length, args.max_tokens, args.seed)
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             layers=args.layers, activation=args.activation, eps=args.eps, ratios=args.ratios,
             reference_scores=args.reference_scores, top_neurons=args.top_neurons, batch_size=args.batch_size,
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=args.dtype)
-        report = run_analysis(list(zip(labels, args.models)), sample, settings, args.out,
+        report = run_analysis(models, sample, settings, args.out,
                               scratch_dir=args.scratch_dir, progress=not args.no_progress)
     except (AnalysisError, ModelLoadError, SampleError, DataFileError, InputError, TokenizerError) as exc:
         print(f"l2e-analyze: error: {exc}", file=sys.stderr)

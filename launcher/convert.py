@@ -1,9 +1,12 @@
 """`l2e-convert`: training checkpoints <-> Hugging Face GPTNeoX directories.
 
     l2e-convert to-hf runs/tiny hf/tiny                # any checkpoint (any ZeRO stage, any TP) -> HF directory
+    l2e-convert to-hf runs/pythia-70m hf/pythia-70m --all   # every snapshot -> hf/pythia-70m/step0, step1, ...
     l2e-convert from-hf pythia-70m ckpt/pythia-70m-tp2 --tp 2   # HF GPTNeoX/Pythia -> our checkpoint at TP=2
 
 CHECKPOINT may be a run's output_dir, its checkpoints/ directory (uses `latest`) or one checkpoint directory.
+With --all, CHECKPOINT is a run's output_dir and OUT receives one HF directory per snapshot (train.save_schedule,
+train.extra_save_steps), named by step like Pythia's revisions; steps already exported are skipped.
 Continue pretraining from an imported model with `--set train.init_from=ckpt/pythia-70m-tp2` (weights only).
 """
 
@@ -18,7 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     to_hf = sub.add_parser("to-hf", help="checkpoint -> Hugging Face GPTNeoXForCausalLM directory")
     to_hf.add_argument("checkpoint", help="run output_dir, checkpoints/ directory or checkpoint directory")
-    to_hf.add_argument("out", help="output directory (must not exist or be empty)")
+    to_hf.add_argument("out", help="output directory (must not exist or be empty; with --all: may hold earlier exports)")
+    to_hf.add_argument("--all", action="store_true", help="every snapshot of the run -> OUT/step<N>")
     to_hf.add_argument("--max-shard-gib", type=float, default=5.0, help="safetensors shard size (default 5)")
     from_hf = sub.add_parser("from-hf", help="Hugging Face GPTNeoX directory -> our checkpoint at a TP size")
     from_hf.add_argument("hf_dir", help="directory with config.json and model.safetensors (or pytorch_model.bin)")
@@ -32,8 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     from l2e_dist.checkpoint.convert import export_hf, import_hf
     from l2e_dist.checkpoint.ds_files import CheckpointFormatError
     from l2e_dist.checkpoint.io import CheckpointError
+    from l2e_dist.checkpoint.snapshots import export_snapshots_hf
 
     try:
+        if args.command == "to-hf" and args.all:
+            written, skipped = export_snapshots_hf(args.checkpoint, args.out, int(args.max_shard_gib * 2**30))
+            print(f"l2e-convert: {len(written)} snapshots exported, {len(skipped)} already in {args.out}")
+            return 0
         if args.command == "to-hf":
             out = export_hf(args.checkpoint, args.out, max_shard_bytes=int(args.max_shard_gib * 2**30))
         else:

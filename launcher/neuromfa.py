@@ -1,11 +1,16 @@
 """`l2e-neuromfa`: neuron-based multifractal analysis (NeuroMFA) of GPTNeoX checkpoints over training.
 
+    l2e-neuromfa runs/a --out neuromfa_a                  # a run directory: all its snapshots, in step order
     l2e-neuromfa runs/a/step0 runs/a/step1000 runs/a/step2000 --out neuromfa_a
-    l2e-neuromfa --run l2e runs/l2e/global_step* --run baseline runs/base/global_step* --out compare
+    l2e-neuromfa --run l2e runs/l2e --run baseline runs/base --out compare
     l2e-neuromfa --from-json neuromfa_a/neuromfa.json --run b runs/b/step* --out overlay
 
-Checkpoints are HF GPTNeoX directories (config.json + safetensors) or our training checkpoints (any TP).
-Steps come from the path (step1000, global_step1000, iter_0001000, checkpoint-1000) or from --steps.
+Checkpoints are HF GPTNeoX directories (config.json + safetensors) or our training checkpoints and snapshots
+(any TP). A run directory (a run's output_dir, its snapshots/, or an `l2e-convert to-hf --all` output) stands
+for all its snapshots (train.save_schedule=pythia). Steps come from the path (step1000, global_step1000,
+iter_0001000, checkpoint-1000) or from --steps.
+E(t) is measured against the run's step-0 snapshot (the initialization; found next to the given checkpoints
+when not among them); without one, against the first checkpoint, with a warning naming its step.
 Writes neuromfa.json, spectra.png (f(alpha) coloured by step) and metrics.png (alpha_0, width, E(t)).
 """
 

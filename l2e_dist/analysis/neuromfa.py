@@ -2,8 +2,10 @@
 
 `analyse_state_dict` runs the multifractal analysis (`multifractal`) on every sampled neuron network
 (`neuromfa_network`) of one HF GPTNeoX state dict and averages the samples; `analyse_run` does that for
-each checkpoint of a run and adds E(t) relative to the first checkpoint; `write_report` writes
+each checkpoint of a run and adds E(t); `write_report` writes
 neuromfa.json, spectra.png and metrics.png for several runs (e.g. L2E on and off) overlaid.
+E(t) is relative to t = 0: the run's step-0 snapshot (added from the run's directory when not given), else
+the first checkpoint, with a warning naming it.
 `neuromfa_summary` is the cheap per-step entry point for TensorBoard logging during training.
 """
 
@@ -190,10 +192,56 @@ def step_from_path(path: str | Path) -> int | None:
     return None
 
 
+def run_checkpoints(path: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of the models a run directory holds, by step: its snapshots (`snapshots/step<N>`, or the
+    step<N> directories of an `l2e-convert to-hf --all` output); without any, its resume checkpoints
+    (`checkpoints/global_step<N>`, with a warning: keep_last_n pruned the early ones). [] for a single model."""
+    from l2e_dist.checkpoint.io import list_checkpoints
+    from l2e_dist.checkpoint.snapshots import is_model_directory, run_snapshots
+
+    path = Path(path)
+    found = run_snapshots(path)
+    if not found and path.is_dir() and not is_model_directory(path):
+        found = list_checkpoints(path / "checkpoints")
+        if found:
+            warnings.warn(
+                f"{path} has no snapshots: using its resume checkpoints {[s for s, _ in found]}, which keep_last_n "
+                "prunes (train with train.save_schedule=pythia to keep step 0 and the early steps)",
+                stacklevel=2,
+            )
+    return found
+
+
+def initialization_snapshot(checkpoints: Sequence[tuple[int, Path]]) -> Path | None:
+    """The step-0 snapshot of the run the checkpoints belong to: one of them, else a `step0` next to the
+    first (a snapshots/ directory or an --all export), else the run's snapshots/step0 for `global_step<N>`."""
+    for step, path in checkpoints:
+        if step == 0:
+            return path
+    if not checkpoints:
+        return None
+    parent = Path(checkpoints[0][1]).parent
+    for candidate in (parent / "step0", parent.parent / "snapshots" / "step0"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
 def checkpoint_steps(
     paths: Sequence[str | Path], steps: Sequence[int] | None = None
 ) -> list[tuple[int, Path]]:
-    """(step, path) sorted by step, steps given explicitly or parsed from the paths."""
+    """(step, path) sorted by step, steps given explicitly or parsed from the paths; a run directory stands
+    for all its snapshots (`run_checkpoints`)."""
+    expanded: list[str | Path] = []
+    for path in paths:
+        series = run_checkpoints(path)
+        if series and steps is not None:
+            raise NeuroMFAError(f"'{path}' is a run directory (steps from its snapshots): do not pass --steps")
+        if series:
+            expanded.extend(p for _, p in series)
+        else:
+            expanded.append(path)
+    paths = expanded
     if steps is not None:
         if len(steps) != len(paths):
             raise NeuroMFAError(
@@ -253,6 +301,21 @@ def analyse_run(
     """Analyse every checkpoint of one run on the same neuron samples; the JSON-ready run record."""
     if not checkpoints:
         raise NeuroMFAError(f"run '{label}' has no checkpoints")
+    checkpoints = sorted(checkpoints, key=lambda pair: pair[0])
+    initialization = initialization_snapshot(checkpoints)
+    if initialization is not None and checkpoints[0][0] != 0:
+        checkpoints = [(0, initialization), *checkpoints]
+    reference_step, reference_path = checkpoints[0]
+    if reference_step == 0:
+        _LOG.info("%s: E(t) relative to step 0, the initialization (%s)", label, reference_path)
+    else:
+        warnings.warn(
+            f"run '{label}' has no step-0 snapshot: E(t) is measured relative to step {reference_step} "
+            f"({reference_path}), not to the initialization (keep one with train.save_schedule=pythia or "
+            "train.extra_save_steps=[0, ...])",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     samples: list[NeuronSample] | None = None
     shape: NetworkShape | None = None
     records = []
@@ -298,6 +361,8 @@ def analyse_run(
         record["emergence"] = _floats(value)
     return {
         "label": label,
+        "emergence_reference": {"step": reference_step, "path": str(reference_path),
+                                "initialization": reference_step == 0},
         "shape": asdict(shape),
         "sample_indices": [s.to_json() for s in samples],
         "checkpoints": records,

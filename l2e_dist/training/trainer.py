@@ -21,6 +21,7 @@ from megatron.core import parallel_state
 
 from l2e_dist.checkpoint.convert import load_init_weights
 from l2e_dist.checkpoint.io import resume, save_checkpoint
+from l2e_dist.checkpoint.snapshots import SNAPSHOT_DIR, save_snapshot
 from l2e_dist.config import RunConfig, config_to_dict, validate_world
 from l2e_dist.config_utils import ConfigError
 from l2e_dist.data import build_datasets, global_batch_iterator, prepare_default_corpus
@@ -203,6 +204,9 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     start_step = resume(engine, cfg, ckpt_dir, inhibitor) if cfg.train.resume else 0
+    snapshot_steps = set(cfg.train.snapshot_steps())
+    if start_step == 0 and 0 in snapshot_steps:  # the initialization, before the first update
+        _snapshot(engine, inhibitor, out_dir, 0, cfg, resumed=False)
     is_rank0 = layout.rank == 0
     logger = MetricsLogger(
         str(out_dir),
@@ -295,6 +299,9 @@ def pretrain(cfg: RunConfig) -> TrainResult:
             logger.log(step, valid_metrics)
         # A signal during the last step changes nothing: the run finishes (exit 0) instead of stopping (75).
         stop = preempt.should_stop(step=step) and step < cfg.train.train_iters
+        if step in snapshot_steps:  # before this step's resume checkpoint: a resume never skips a snapshot
+            _allow_slow_phase(watchdog, step, "snapshot")
+            _snapshot(engine, inhibitor, out_dir, step, cfg, resumed=start_step > 0)
         if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or stop:
             if step != cfg.train.train_iters:
                 _allow_slow_phase(watchdog, step, "checkpoint")
@@ -364,7 +371,7 @@ def _allow_slow_phase(watchdog, step: int, phase: str) -> None:
         watchdog.heartbeat(step, phase=phase, allow_s=4 * watchdog.timeout_s)
 
 
-def _save(engine, inhibitor, ckpt_dir: Path, step: int, cfg: RunConfig) -> None:
+def _client_state(inhibitor, step: int, cfg: RunConfig) -> dict:
     client_state = {
         "step": step,
         "consumed_samples": step * cfg.train.global_batch_size,
@@ -372,4 +379,12 @@ def _save(engine, inhibitor, ckpt_dir: Path, step: int, cfg: RunConfig) -> None:
     }
     if inhibitor is not None:
         client_state["l2e"] = inhibitor.state_dict()
-    save_checkpoint(engine, ckpt_dir, step, client_state, cfg.train.keep_last_n)
+    return client_state
+
+
+def _save(engine, inhibitor, ckpt_dir: Path, step: int, cfg: RunConfig) -> None:
+    save_checkpoint(engine, ckpt_dir, step, _client_state(inhibitor, step, cfg), cfg.train.keep_last_n)
+
+
+def _snapshot(engine, inhibitor, out_dir: Path, step: int, cfg: RunConfig, resumed: bool) -> None:
+    save_snapshot(engine, out_dir / SNAPSHOT_DIR, step, _client_state(inhibitor, step, cfg), keep_existing=resumed)
