@@ -92,10 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def show_batch(args: argparse.Namespace) -> int:
     """`batch`: build the run's datasets exactly as the trainer does and print or save one global batch."""
-    from launcher import quiet_known_warnings
     from l2e_dist.config import load_config
     from l2e_dist.config_utils import ConfigError
     from l2e_dist.data.indexed import atomic_save_npy
+    from launcher import quiet_known_warnings
 
     quiet_known_warnings()
     from l2e_dist.training.run_data import global_batch_tokens
