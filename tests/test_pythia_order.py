@@ -169,6 +169,21 @@ def test_branched_run_consumes_the_uninterrupted_runs_next_batches_with_the_same
     assert branched["final_step"] == 5
 
 
+def test_viewer_shows_what_the_trainer_consumes_in_packed_mode(tmp_path):
+    """The default data mode (shuffled, packed, seeded epochs): the viewer's batch is the trainer's too."""
+    from l2e_dist.training.run_data import global_batch_tokens
+    from tests.test_data_dataset import random_docs, write_corpus
+
+    prefix = tmp_path / "packed"
+    write_corpus(str(prefix), random_docs(np.random.default_rng(3), 150, 2, VOCAB), None)
+    overrides = small_run_overrides(tmp_path / "run", str(tmp_path / "cache"), **{
+        "data.paths": f"[{prefix}]", "train.seq_length": SEQ, "train.train_iters": 4, "data.labels": "false"})
+    [run] = run_distributed(recorded_run, 1, overrides)
+    cfg = load_config([TINY], overrides)
+    for step, batch in enumerate(global_batches([run], cfg.train.global_batch_size // cfg.train.micro_batch_size)):
+        np.testing.assert_array_equal(global_batch_tokens(cfg, step), batch)
+
+
 def test_lr_schedule_length_and_branch_rewarmup():
     from l2e_dist.training.optim import lr_multiplier
 
