@@ -184,6 +184,25 @@ def test_viewer_shows_what_the_trainer_consumes_in_packed_mode(tmp_path):
         np.testing.assert_array_equal(global_batch_tokens(cfg, step), batch)
 
 
+def test_validation_from_a_separate_prefix(corpus, tmp_path):
+    from l2e_dist.data import build_datasets
+    from tests.test_data_dataset import random_docs, write_corpus
+
+    val = tmp_path / "pile_val"
+    docs = random_docs(np.random.default_rng(5), 60, 2, VOCAB)
+    write_corpus(str(val), docs, None, meta=False)
+    cfg = load_config([TINY], pythia_overrides(corpus, tmp_path / "run", **{
+        "data.valid_paths": f"[{val}]", "data.split": "1,0,0"}))
+    data = build_datasets(cfg.data, cfg.train.seq_length, cfg.train.seed)
+    assert len(data.train) == SAMPLES and data.train.in_file_order  # the whole file trains, in order
+    stream = np.concatenate(docs)
+    assert len(data.valid) == (len(stream) - 1) // SEQ  # every validation document, packed
+    first = data.valid[0]["tokens"].numpy()  # packing starts with the first (shuffled) validation document
+    assert any(np.array_equal(first[: len(doc)], doc[: SEQ + 1]) for doc in map(np.asarray, docs))
+    with pytest.raises(ConfigError, match=r"'data.split'.*comes from data.valid_paths"):
+        load_config([TINY], pythia_overrides(corpus, tmp_path / "run", **{"data.valid_paths": f"[{val}]"}))
+
+
 def test_lr_schedule_length_and_branch_rewarmup():
     from l2e_dist.training.optim import lr_multiplier
 
