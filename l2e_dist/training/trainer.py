@@ -217,7 +217,8 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         print(
             f"l2e-dist: world={layout.world_size} tp={layout.tp_size} dp={layout.dp_size} "
             f"zero={_zero_description(cfg, dp_size)} precision={cfg.deepspeed.precision} params={n_params / 1e6:.2f}M "
-            f"gas={gas} l2e={cfg.l2e.method} device={device.type} resume_step={start_step}",
+            f"gas={gas} l2e={cfg.l2e.method} device={device.type} resume_step={start_step}"
+            + (f" branch_step={cfg.train.branch_step}" if cfg.train.branch_step is not None else ""),
             flush=True,
         )
 
