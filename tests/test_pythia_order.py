@@ -243,6 +243,11 @@ def test_bad_pythia_inputs_are_one_line_config_errors_naming_the_key(corpus, tmp
     (hf_dir / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "vocab_size": 50304}))
     with pytest.raises(ConfigError, match=r"'data.tokenizer'.*500 tokens.*50304 embedding rows"):
         checked(**{"train.init_from": str(hf_dir), "train.branch_step": 1})
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "vocab_size": 499}))
+    with pytest.raises(ConfigError, match=r"'data.tokenizer'.*500 tokens.*499 embedding rows"):
+        checked(**{"train.init_from": str(hf_dir), "train.branch_step": 1})
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "vocab_size": 768}))
+    checked(**{"train.init_from": str(hf_dir), "train.branch_step": 1})  # padded beyond our 512: rows are cut
     write_tokenizer(hf_dir / "tokenizer.json", 600)
     (hf_dir / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "vocab_size": 512}))
     with pytest.raises(ConfigError, match=r"'data.tokenizer'.*500 tokens.*600-token tokenizer"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,8 @@ from l2e_dist.data import Datasets, build_datasets, global_batch_iterator
 from l2e_dist.data.tokenizer import TextTokenizer
 
 SPLITS = ("train", "valid", "test")
+# Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by (128) x TP: at most 1023 rows at TP 8.
+MAX_VOCAB_PADDING = 1024
 
 
 def run_batches(cfg: RunConfig, dataset, *, dp_rank: int, dp_size: int, start_step: int = 0,
@@ -88,8 +89,9 @@ def check_run_data(cfg: RunConfig, datasets: Datasets) -> None:
 
 def check_init_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
     """With train.init_from an HF directory: the data's tokenizer must be the one the checkpoint was trained
-    with (same vocabulary as its tokenizer.json when it ships one; an embedding with at least one row per token
-    and no more rows than the model's padded vocabulary), else its rows would be cut or mean other tokens."""
+    with: the same vocabulary as its tokenizer.json when it ships one (Pythia's do), and an embedding with one
+    row per token plus at most Megatron's padding (< 1024 rows: make_vocab_size_divisible_by 128 x TP 8; Pythia's
+    are padded to 50304 .. 50688 for 50277 tokens). Otherwise rows would be missing or mean other tokens."""
     path = Path(cfg.train.init_from) if cfg.train.init_from else None
     if path is None or not (path / "config.json").is_file():
         return  # l2e-dist checkpoints: load_init_weights checks the architecture; vocab rows are resized there
@@ -102,10 +104,7 @@ def check_init_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
         if shipped != tokenizer_vocab:
             raise ConfigError("data.tokenizer", f"has {tokenizer_vocab} tokens but train.init_from={path} was "
                               f"trained with a {shipped}-token tokenizer (its tokenizer.json): use that tokenizer")
-    model_vocab = cfg.model.vocab_size or tokenizer_vocab
-    padded = replace(cfg.model, vocab_size=model_vocab).padded_vocab_size(cfg.parallel.tensor_parallel)
-    if not tokenizer_vocab <= rows <= padded or model_vocab < tokenizer_vocab:
-        raise ConfigError("data.tokenizer", f"has {tokenizer_vocab} tokens (model vocabulary {model_vocab}, padded to "
-                          f"{padded}) but train.init_from={path} has {rows} embedding rows: use the tokenizer that "
-                          "checkpoint was trained with (Pythia: GPT-NeoX-20B's 20B_tokenizer.json, 50277 tokens)")
-
+    if not tokenizer_vocab <= rows < tokenizer_vocab + MAX_VOCAB_PADDING:
+        raise ConfigError("data.tokenizer", f"has {tokenizer_vocab} tokens but train.init_from={path} has {rows} "
+                          "embedding rows: use the tokenizer that checkpoint was trained with (Pythia: GPT-NeoX-20B's "
+                          "20B_tokenizer.json, 50277 tokens)")
