@@ -269,3 +269,22 @@ def test_pretrain_cli_reports_a_bad_branch_in_one_line(corpus, tmp_path):
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("l2e-pretrain:")]
     assert len(errors) == 1 and "config error at 'train.branch_step'" in errors[0], proc.stderr
+
+
+def test_the_issue_command_line_configs_load():
+    """`--config configs/pythia-<size>.yaml --config configs/data/<Pythia overlay> --config configs/l2e/l2e.yaml
+    --set train.branch_step=13000 --set train.init_from=...` and the -deduped variants are valid as shipped."""
+    overlays = sorted((ROOT / "configs" / "data").glob("pythia_*_preshuffled.yaml"))
+    assert [p.name for p in overlays] == ["pythia_deduped_preshuffled.yaml", "pythia_standard_preshuffled.yaml"]
+    sizes = sorted(p for p in (ROOT / "configs").glob("pythia-*.yaml") if not p.stem.endswith("-deduped"))
+    assert len(sizes) == 8
+    for size in sizes:
+        for overlay in overlays:
+            cfg = load_config([str(size), str(overlay), str(ROOT / "configs" / "l2e" / "l2e.yaml")],
+                              ["train.branch_step=13000", "train.init_from=ckpt/pythia-step13000"])
+            assert (cfg.data.order, cfg.train.global_batch_size, cfg.train.seq_length) == ("pythia", 1024, 2048)
+            assert cfg.optimizer.lr_decay_iters == 143000 and cfg.optimizer.warmup_fraction == 0.01
+            assert cfg.optimizer.min_lr_ratio == 0.1
+        deduped = load_config([str(size.with_name(size.stem + "-deduped.yaml"))])
+        assert deduped.data.paths == ["data/pythia/pile-deduped-preshuffled/document"]
+        assert deduped.model == load_config([str(size)]).model
