@@ -203,6 +203,24 @@ def test_validation_from_a_separate_prefix(corpus, tmp_path):
         load_config([TINY], pythia_overrides(corpus, tmp_path / "run", **{"data.valid_paths": f"[{val}]"}))
 
 
+def test_file_order_samples_carry_their_documents_labels(tmp_path):
+    from l2e_dist.data import DataConfig, build_datasets
+    from l2e_dist.data.indexed import write_labels
+
+    prefix = tmp_path / "labelled"
+    write_preshuffled(prefix, 12, SEQ + 1)
+    write_labels(str(prefix), np.array([k % 3 - 1 for k in range(12)]), ["a", "b"], field="test")
+    write_tokenizer(tmp_path / "tok.json", VOCAB)
+    data = build_datasets(DataConfig(paths=[str(prefix)], tokenizer=str(tmp_path / "tok.json"), order="pythia",
+                                     split="2,1,1", cache_dir=str(tmp_path / "cache")), SEQ, seed=0)
+    assert data.feature_names == ["a", "b"] and (len(data.train), len(data.valid), len(data.test)) == (6, 3, 3)
+    for split, first in ((data.train, 0), (data.valid, 6), (data.test, 9)):
+        for i in range(len(split)):
+            sample = split[i]
+            np.testing.assert_array_equal(sample["tokens"].numpy(), sample_tokens(first + i, SEQ + 1))
+            assert set(sample["features"].tolist()) == {(first + i) % 3 - 1}
+
+
 def test_lr_schedule_length_and_branch_rewarmup():
     from l2e_dist.training.optim import lr_multiplier
 

@@ -8,9 +8,9 @@
 * Blend: N = the sum of the parts' sample counts; part k contributes round(w_k * N) samples (repeating its
   own samples when up-weighted), spread evenly over the blended index.
 
-* File order (`data.order: pythia`, Pythia's pre-shuffled files): document k of the file is sample k, read
-  whole (it must hold exactly seq_length + 1 tokens); `split` cuts the samples contiguously, train first, so the
-  training samples keep the file's order; the sampler then reads global batch s as samples [s*G, (s+1)*G).
+* File order (`data.order: pythia`, Pythia's pre-shuffled files): sequence k of the file (there: document k)
+  is sample k, read whole (every one must hold seq_length + 1 tokens); `split` cuts the samples contiguously,
+  train first, so training keeps the file's order; the sampler reads global batch s as samples [s*G, (s+1)*G).
 
 The packing order and the blend are pure functions of (file contents, split, seed, weights); they are cached as
 .npy files under `data.cache_dir/index/` (atomic writes) and memory-mapped, so every rank shares them.
@@ -153,44 +153,35 @@ class PackedDataset(Dataset):
 
 
 class FileOrderDataset(Dataset):
-    """Samples that ARE the documents [start, stop) of one file, in file order (Pythia's pre-shuffled layout:
-    each document is one 2049-token training sample, written in the order Pythia's training consumed them).
+    """Samples that ARE the sequences [start, stop) of one file, in file order (Pythia's pre-shuffled layout:
+    each sequence, one per document, is one 2049-token training sample, written in the order Pythia's training
+    consumed them; Pythia's utils/batch_viewer.py slices the same sequences).
 
     `in_file_order` tells the sampler to read global batch s as samples [s*G, (s+1)*G) instead of shuffling.
     """
 
     in_file_order = True
 
-    def __init__(self, prefix: str, doc_range: tuple[int, int], seq_length: int, index_dir: str,
+    def __init__(self, prefix: str, sample_range: tuple[int, int], seq_length: int, index_dir: str,
                  label_map: np.ndarray | None):
-        self.prefix, self.doc_range, self.seq_length, self.index_dir = prefix, doc_range, seq_length, index_dir
-        self.label_map = label_map
+        self.prefix, self.sample_range, self.seq_length = prefix, sample_range, seq_length
+        self.index_dir, self.label_map = index_dir, label_map
         self.fingerprint = os.path.basename(index_dir)
         self._indexed = None
         self._labels = None
-        sample_length = int(_cached(index_dir, "sample_length", self._check_layout)[0])
+        sample_length = int(_cached(index_dir, "sample_length", self._common_length)[0])
         if sample_length != seq_length + 1:
             raise ConfigError(
                 "train.seq_length",
                 f"{seq_length} does not fit {prefix}: data.order=pythia reads each document as one sample and its "
                 f"documents have {sample_length} tokens; set train.seq_length={sample_length - 1}",
             )
-        self.num_samples = doc_range[1] - doc_range[0]
+        self.num_samples = sample_range[1] - sample_range[0]
 
-    def _check_layout(self) -> np.ndarray:
-        """[the common document length]; raises when the file is not one sequence per equal-length document.
-        O(documents), once per file (the answer is cached under index_dir)."""
-        indexed = self.indexed
-        lengths = np.asarray(indexed.sequence_lengths)
-        docs = np.asarray(indexed.document_indices)
-        block = 1 << 24
-        for first in range(0, len(docs), block):
-            chunk = docs[first : first + block]
-            if not np.array_equal(chunk, np.arange(first, first + len(chunk))):
-                raise DataFileError(
-                    f"{self.prefix} has documents of several sequences: not a pre-shuffled Pythia file "
-                    "(one sample per document); use data.order=packed"
-                )
+    def _common_length(self) -> np.ndarray:
+        """[the length every sequence has]; a ConfigError when they differ (not Pythia's layout). O(sequences),
+        once per file: the answer is cached under index_dir."""
+        lengths = np.asarray(self.indexed.sequence_lengths)
         low, high = int(lengths.min()), int(lengths.max())
         if low != high:
             raise ConfigError(
@@ -214,18 +205,22 @@ class FileOrderDataset(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    def _feature(self, sequence: int) -> int:
+        """Feature id of the document holding `sequence` (-1: unlabelled)."""
+        if self.label_map is None:
+            return -1
+        if self._labels is None:
+            self._labels = read_labels(self.prefix, len(self.indexed.document_indices) - 1)[0]
+        doc = int(np.searchsorted(self.indexed.document_indices, sequence, side="right")) - 1
+        local = int(self._labels[doc])
+        return int(self.label_map[local]) if local >= 0 else -1
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
-        doc = self.doc_range[0] + i
-        tokens = torch.from_numpy(self.indexed.get(doc).astype(np.int64))
-        feature = -1
-        if self.label_map is not None:
-            if self._labels is None:
-                self._labels = read_labels(self.prefix, len(self.indexed.document_indices) - 1)[0]
-            local = int(self._labels[doc])
-            feature = int(self.label_map[local]) if local >= 0 else -1
-        return {"tokens": tokens, "features": torch.full_like(tokens, feature)}
+        sequence = self.sample_range[0] + i
+        tokens = torch.from_numpy(self.indexed.get(sequence).astype(np.int64))
+        return {"tokens": tokens, "features": torch.full_like(tokens, self._feature(sequence))}
 
 
 class BlendedDataset(Dataset):
@@ -357,11 +352,10 @@ def build_datasets(cfg: DataConfig, seq_length: int, seed: int) -> Datasets:
             splits.append(_whole_files_packed(valid_prefixes, seq_length, seed, index_root))
             continue
         if cfg.order == "pythia":
-            bounds = split_boundaries(infos[0].num_documents, fractions)
-            doc_range = (bounds[split_id], bounds[split_id + 1])
+            bounds = split_boundaries(infos[0].num_sequences, fractions)
+            sample_range = (bounds[split_id], bounds[split_id + 1])
             layout_dir = os.path.join(index_root, _key(INDEX_VERSION, "file-order", fingerprints[0]))
-            dataset = FileOrderDataset(prefixes[0], doc_range, seq_length, layout_dir, label_maps[0])
-            splits.append(dataset)
+            splits.append(FileOrderDataset(prefixes[0], sample_range, seq_length, layout_dir, label_maps[0]))
             continue
         parts = []
         for prefix, info, fp, label_map in zip(prefixes, infos, fingerprints, label_maps):
