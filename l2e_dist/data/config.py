@@ -48,10 +48,10 @@ class DataConfig:
     labels: bool = True
     # packed: documents shuffled by train.seed, concatenated and cut into seq_length + 1 token samples, batches
     #   drawn from a seeded per-epoch permutation (GPT-NeoX/Megatron style).
-    # pythia: Pythia's pre-shuffled files (one path): document k IS sample k (seq_length + 1 tokens, read whole),
-    #   global batch i = samples [i*G, (i+1)*G) in file order, no shuffle, no packing, no wrap-around; `split`
-    #   cuts the samples contiguously (train first, so training keeps the file's order; valid = the held-out
-    #   range after it) unless valid_paths is given.
+    # pythia: Pythia's pre-shuffled files (one path): sequence k (there: document k) IS sample k (seq_length + 1
+    #   tokens, read whole), global batch i = samples [i*G, (i+1)*G) in file order, no shuffle, no packing, no
+    #   wrap-around; `split` cuts the samples contiguously (train first, so training keeps the file's order;
+    #   valid = the held-out range after it) unless valid_paths is given.
     order: Literal["packed", "pythia"] = "packed"
     # data.order=pythia: the global batch the file's order was written for (Pythia: 1024); train.global_batch_size
     # must equal it. None: not checked.
