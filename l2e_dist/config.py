@@ -45,6 +45,12 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
+    # Length of the lr schedule (warm-up fraction and decay are over this many steps); None = train.train_iters.
+    # GPT-NeoX's lr-decay-iters: Pythia's is 143000, so a shorter (e.g. branched) run follows Pythia's schedule.
+    lr_decay_iters: int | None = None
+    # After train.branch_step: ramp the lr linearly from 1/N to 1 of the schedule's value over N steps (0: off),
+    # a short re-warm-up for the fresh AdamW state of a branched run.
+    branch_warmup_iters: int = 0
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -62,6 +68,10 @@ class OptimizerConfig:
             raise ConfigError("weight_decay", "must be >= 0")
         if self.grad_clip < 0:
             raise ConfigError("grad_clip", "must be >= 0 (0 disables clipping)")
+        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
+            raise ConfigError("lr_decay_iters", f"must be >= 1 or null (= train.train_iters), got {self.lr_decay_iters}")
+        if self.branch_warmup_iters < 0:
+            raise ConfigError("branch_warmup_iters", f"must be >= 0 (0: no re-warm-up), got {self.branch_warmup_iters}")
 
 
 @dataclass
@@ -105,6 +115,10 @@ class TrainConfig:
     init_from: str | None = (
         None  # weights of a checkpoint / HF dir / l2e-convert from-hf output; fresh optimizer
     )
+    # Branch from step N of another run (e.g. a Pythia checkpoint of revision stepN in train.init_from): the
+    # weights come from init_from, the data position and the lr schedule start at step N (the first batch
+    # trained on is global batch N, as `l2e-prepare-data batch --step N` shows), AdamW starts fresh.
+    branch_step: int | None = None
 
     def validate(self) -> None:
         for name in self.preempt_signals:
@@ -123,6 +137,13 @@ class TrainConfig:
         for key in ("eval_interval", "eval_iters", "save_interval", "keep_last_n"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.branch_step is not None:
+            if self.init_from is None:
+                raise ConfigError("branch_step", "needs train.init_from (the weights of the run at that step, e.g. "
+                                  "an HF Pythia directory of revision stepN)")
+            if not 0 <= self.branch_step < self.train_iters:
+                raise ConfigError("branch_step", f"{self.branch_step} must be in [0, train.train_iters="
+                                  f"{self.train_iters}): the branched run trains steps branch_step+1 .. train_iters")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 "global_batch_size",
@@ -202,6 +223,14 @@ def cross_validate(cfg: RunConfig) -> None:
         raise ConfigError(
             "train.seq_length",
             f"{cfg.train.seq_length} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}",
+        )
+    order_batch = cfg.data.order_batch_size
+    if cfg.data.order == "pythia" and order_batch is not None and cfg.train.global_batch_size != order_batch:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{cfg.train.global_batch_size} does not match the file's order: data.order=pythia with "
+            f"data.order_batch_size={order_batch} means global batch i is samples [i*{order_batch}, "
+            f"(i+1)*{order_batch}); set train.global_batch_size={order_batch} (change micro_batch_size instead)",
         )
     if cfg.l2e.method != "none":
         try:

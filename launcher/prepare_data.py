@@ -4,6 +4,12 @@
       --output-prefix data/pile_00 --workers 16 --verify
   l2e-prepare-data tokenize --hf-dataset monology/pile-uncopyrighted --hf-data-files train/00.jsonl.zst ...
   l2e-prepare-data train-tokenizer --input corpus/ --output tok.model --vocab-size 32000
+  l2e-prepare-data batch --config configs/pythia-160m.yaml --config configs/data/pythia_deduped_preshuffled.yaml \
+      --step 13000 --out batch13000.npy
+
+`batch` writes the token ids [global_batch_size, seq_length + 1] of the global batch that training consumes at
+step I (0-based: the batch optimizer step I + 1 trains on, i.e. the first batch of a run resumed or branched at
+step I; Pythia's utils/batch_viewer.py numbering), from the same code the trainer uses, for any data mode.
 
 Re-running an interrupted `tokenize` with the same arguments resumes it (the output is byte-identical to an
 uninterrupted run); with the output already complete it only verifies (--verify) and reports.
@@ -74,11 +80,51 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vocab-size", type=int, default=32000)
     train.add_argument("--sample-docs", type=int, default=100_000, help="train on the first N documents")
     train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    batch = commands.add_parser("batch", help="token ids of the global batch training consumes at step I")
+    batch.add_argument("--config", action="append", required=True, help="run YAML file; repeat to overlay")
+    batch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.seed=1")
+    batch.add_argument("--step", type=int, required=True, help="0-based step I (the batch after checkpoint stepI)")
+    batch.add_argument("--split", choices=["train", "valid", "test"], default="train")
+    batch.add_argument("--out", help="write an int64 .npy [global_batch_size, seq_length + 1] here (atomically) "
+                                     "instead of printing one sample per line")
     return parser
+
+
+def show_batch(args: argparse.Namespace) -> int:
+    """`batch`: build the run's datasets exactly as the trainer does and print or save one global batch."""
+    from l2e_dist.config import load_config
+    from l2e_dist.config_utils import ConfigError
+    from l2e_dist.data.indexed import atomic_save_npy
+    from launcher import quiet_known_warnings
+
+    quiet_known_warnings()
+    from l2e_dist.training.run_data import global_batch_tokens
+
+    try:
+        cfg = load_config(args.config, args.set)
+        tokens = global_batch_tokens(cfg, args.step, args.split)
+    except (ConfigError, DataFileError, TokenizerError) as exc:
+        print(f"l2e-prepare-data: error: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        out = args.out if args.out.endswith(".npy") else args.out + ".npy"
+        try:
+            atomic_save_npy(out, tokens)
+        except OSError as exc:
+            print(f"l2e-prepare-data: error: cannot write --out {out}: {exc.strerror}", file=sys.stderr)
+            return 2
+        print(f"{out}: {args.split} global batch of step {args.step}, {tokens.shape[0]} samples x "
+              f"{tokens.shape[1]} tokens")
+    else:
+        for row in tokens:
+            print(" ".join(map(str, row.tolist())))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "batch":
+        return show_batch(args)
     try:
         source = _source(args)
         if args.command == "train-tokenizer":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from l2e_dist.config_utils import ConfigError
 
@@ -45,6 +46,19 @@ class DataConfig:
     cache_dir: str = ".cache/l2e-data"
     # Load per-document feature labels (`<prefix>.labels.npy/json`) when present, for FKR.
     labels: bool = True
+    # packed: documents shuffled by train.seed, concatenated and cut into seq_length + 1 token samples, batches
+    #   drawn from a seeded per-epoch permutation (GPT-NeoX/Megatron style).
+    # pythia: Pythia's pre-shuffled files (one path): sequence k (there: document k) IS sample k (seq_length + 1
+    #   tokens, read whole), global batch i = samples [i*G, (i+1)*G) in file order, no shuffle, no packing, no
+    #   wrap-around; `split` cuts the samples contiguously (train first, so training keeps the file's order;
+    #   valid = the held-out range after it) unless valid_paths is given.
+    order: Literal["packed", "pythia"] = "packed"
+    # data.order=pythia: the global batch the file's order was written for (Pythia: 1024); train.global_batch_size
+    # must equal it. None: not checked.
+    order_batch_size: int | None = None
+    # Validation from separate .bin/.idx prefixes (e.g. the Pile's validation set from l2e-prepare-data), packed
+    # (all their documents); `split` must then give valid a share of 0.
+    valid_paths: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         parse_split(self.split)
@@ -68,3 +82,17 @@ class DataConfig:
             raise ConfigError("paths", "a path is listed twice: use weights to up-sample a dataset instead")
         if not self.cache_dir:
             raise ConfigError("cache_dir", "must not be empty")
+        for i, path in enumerate(self.valid_paths):
+            if not path or path.endswith((".bin", ".idx")):
+                raise ConfigError(f"valid_paths[{i}]", f"give a .bin/.idx prefix without extension, got {path!r}")
+        if self.valid_paths and parse_split(self.split)[1] > 0:
+            raise ConfigError("split", f"{self.split!r} gives validation a share, but validation comes from "
+                              "data.valid_paths: give valid 0, e.g. '1,0,0'")
+        if self.order == "pythia":
+            if len(self.paths) != 1:
+                raise ConfigError("paths", f"data.order=pythia reads ONE pre-shuffled file (its order is the "
+                                  f"training order), got {len(self.paths)} paths: give exactly one prefix")
+            if self.weights is not None:
+                raise ConfigError("weights", "data.order=pythia does not blend: remove data.weights")
+        if self.order_batch_size is not None and self.order_batch_size < 1:
+            raise ConfigError("order_batch_size", f"must be >= 1 or null, got {self.order_batch_size}")

@@ -8,6 +8,10 @@
 * Blend: N = the sum of the parts' sample counts; part k contributes round(w_k * N) samples (repeating its
   own samples when up-weighted), spread evenly over the blended index.
 
+* File order (`data.order: pythia`, Pythia's pre-shuffled files): sequence k of the file (there: document k)
+  is sample k, read whole (every one must hold seq_length + 1 tokens); `split` cuts the samples contiguously,
+  train first, so training keeps the file's order; the sampler reads global batch s as samples [s*G, (s+1)*G).
+
 The packing order and the blend are pure functions of (file contents, split, seed, weights); they are cached as
 .npy files under `data.cache_dir/index/` (atomic writes) and memory-mapped, so every rank shares them.
 """
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from l2e_dist.config_utils import ConfigError
 from l2e_dist.data.config import DataConfig, parse_split
 from l2e_dist.data.indexed import (
     DataFileError,
@@ -147,6 +152,77 @@ class PackedDataset(Dataset):
         return {"tokens": torch.from_numpy(tokens), "features": torch.from_numpy(features)}
 
 
+class FileOrderDataset(Dataset):
+    """Samples that ARE the sequences [start, stop) of one file, in file order (Pythia's pre-shuffled layout:
+    each sequence, one per document, is one 2049-token training sample, written in the order Pythia's training
+    consumed them; Pythia's utils/batch_viewer.py slices the same sequences).
+
+    `in_file_order` tells the sampler to read global batch s as samples [s*G, (s+1)*G) instead of shuffling.
+    """
+
+    in_file_order = True
+
+    def __init__(self, prefix: str, sample_range: tuple[int, int], seq_length: int, index_dir: str,
+                 label_map: np.ndarray | None):
+        self.prefix, self.sample_range, self.seq_length = prefix, sample_range, seq_length
+        self.index_dir, self.label_map = index_dir, label_map
+        self.fingerprint = os.path.basename(index_dir)
+        self._indexed = None
+        self._labels = None
+        sample_length = int(_cached(index_dir, "sample_length", self._common_length)[0])
+        if sample_length != seq_length + 1:
+            raise ConfigError(
+                "train.seq_length",
+                f"{seq_length} does not fit {prefix}: data.order=pythia reads each document as one sample and its "
+                f"documents have {sample_length} tokens; set train.seq_length={sample_length - 1}",
+            )
+        self.num_samples = sample_range[1] - sample_range[0]
+
+    def _common_length(self) -> np.ndarray:
+        """[the length every sequence has]; a ConfigError when they differ (not Pythia's layout). O(sequences),
+        once per file: the answer is cached under index_dir."""
+        lengths = np.asarray(self.indexed.sequence_lengths)
+        low, high = int(lengths.min()), int(lengths.max())
+        if low != high:
+            raise ConfigError(
+                "data.order",
+                f"pythia needs every document of {self.prefix} to be one sample of the same length, but they have "
+                f"{low}..{high} tokens: this is not a pre-shuffled Pythia file; use data.order=packed",
+            )
+        return np.array([low], dtype=np.int64)
+
+    @property
+    def indexed(self):
+        if self._indexed is None:
+            self._indexed = open_indexed(self.prefix)
+        return self._indexed
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_indexed=None, _labels=None)
+        return state
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _feature(self, sequence: int) -> int:
+        """Feature id of the document holding `sequence` (-1: unlabelled)."""
+        if self.label_map is None:
+            return -1
+        if self._labels is None:
+            self._labels = read_labels(self.prefix, len(self.indexed.document_indices) - 1)[0]
+        doc = int(np.searchsorted(self.indexed.document_indices, sequence, side="right")) - 1
+        local = int(self._labels[doc])
+        return int(self.label_map[local]) if local >= 0 else -1
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
+        sequence = self.sample_range[0] + i
+        tokens = torch.from_numpy(self.indexed.get(sequence).astype(np.int64))
+        return {"tokens": tokens, "features": torch.full_like(tokens, self._feature(sequence))}
+
+
 class BlendedDataset(Dataset):
     """Weighted interleaving of PackedDatasets (one split). `index_dir` holds the blend and sample-order files."""
 
@@ -214,9 +290,9 @@ def _blend(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Datasets:
     """What build_datasets returns; `feature_names[f]` names feature id f in the samples' "features"."""
 
-    train: BlendedDataset
-    valid: BlendedDataset
-    test: BlendedDataset
+    train: BlendedDataset | FileOrderDataset
+    valid: BlendedDataset | FileOrderDataset
+    test: BlendedDataset | FileOrderDataset
     vocab_size: int
     eod_id: int
     tokenizer_path: str | None
@@ -254,14 +330,15 @@ def _resolve_tokenizer(cfg: DataConfig, prefixes: list[str]) -> tuple[int, int, 
 
 
 def build_datasets(cfg: DataConfig, seq_length: int, seed: int) -> Datasets:
-    """Train/valid/test datasets of packed `seq_length + 1`-token samples (see the module docstring)."""
+    """Train/valid/test datasets of `seq_length + 1`-token samples (see the module docstring)."""
     from l2e_dist.data.default_corpus import prepare_default_corpus
 
     if seq_length < 1:
         raise ValueError(f"seq_length must be >= 1, got {seq_length}")
     prefixes = [os.path.abspath(p) for p in cfg.paths] or [prepare_default_corpus(cfg.cache_dir)]
+    valid_prefixes = [os.path.abspath(p) for p in cfg.valid_paths]
     infos = [check_index(p) for p in prefixes]
-    vocab_size, eod_id, tokenizer_path = _resolve_tokenizer(cfg, prefixes)
+    vocab_size, eod_id, tokenizer_path = _resolve_tokenizer(cfg, prefixes + valid_prefixes)
     fractions = parse_split(cfg.split)
     fingerprints = [file_fingerprint(p) for p in prefixes]
     sidecars = [read_labels(p, info.num_documents) if cfg.labels else None for p, info in zip(prefixes, infos)]
@@ -269,8 +346,17 @@ def build_datasets(cfg: DataConfig, seq_length: int, seed: int) -> Datasets:
     label_maps = [None if sc is None else np.array([feature_names.index(n) for n in sc[1]], dtype=np.int64)
                   for sc in sidecars]
     index_root = os.path.join(os.path.abspath(cfg.cache_dir), "index")
-    splits = []
+    splits: list = []
     for split_id, split_name in enumerate(SPLIT_NAMES):
+        if split_name == "valid" and valid_prefixes:
+            splits.append(_whole_files_packed(valid_prefixes, seq_length, seed, index_root))
+            continue
+        if cfg.order == "pythia":
+            bounds = split_boundaries(infos[0].num_sequences, fractions)
+            sample_range = (bounds[split_id], bounds[split_id + 1])
+            layout_dir = os.path.join(index_root, _key(INDEX_VERSION, "file-order", fingerprints[0]))
+            splits.append(FileOrderDataset(prefixes[0], sample_range, seq_length, layout_dir, label_maps[0]))
+            continue
         parts = []
         for prefix, info, fp, label_map in zip(prefixes, infos, fingerprints, label_maps):
             bounds = split_boundaries(info.num_documents, fractions)
@@ -286,12 +372,30 @@ def build_datasets(cfg: DataConfig, seq_length: int, seed: int) -> Datasets:
                                         "from data.paths or give it a larger train share in data.split")
         # without weights every part contributes each of its samples once; empty parts drop out of a split
         weights = list(cfg.weights) if cfg.weights is not None else [float(len(p)) for p in parts]
-        kept = [k for k, part in enumerate(parts) if len(part) > 0] or list(range(len(parts)))
-        parts, weights = [parts[k] for k in kept], [weights[k] for k in kept]
-        blend_key = _key(INDEX_VERSION, [os.path.basename(p.index_dir) for p in parts], weights, seq_length)
-        splits.append(BlendedDataset(parts, weights, os.path.join(index_root, blend_key)))
+        splits.append(_blend_parts(parts, weights, seq_length, index_root))
     return Datasets(*splits, vocab_size=vocab_size, eod_id=eod_id, tokenizer_path=tokenizer_path,
                     feature_names=feature_names)
+
+
+def _blend_parts(parts: list[PackedDataset], weights: list[float], seq_length: int,
+                 index_root: str) -> BlendedDataset:
+    """One split's blend; parts without samples drop out (unless all are empty)."""
+    kept = [k for k, part in enumerate(parts) if len(part) > 0] or list(range(len(parts)))
+    parts, weights = [parts[k] for k in kept], [weights[k] for k in kept]
+    blend_key = _key(INDEX_VERSION, [os.path.basename(p.index_dir) for p in parts], weights, seq_length)
+    return BlendedDataset(parts, weights, os.path.join(index_root, blend_key))
+
+
+def _whole_files_packed(prefixes: list[str], seq_length: int, seed: int, index_root: str) -> BlendedDataset:
+    """data.valid_paths: every document of each file, packed, blended by size (no feature labels)."""
+    parts = []
+    for prefix in prefixes:
+        info, fp = check_index(prefix), file_fingerprint(prefix)
+        doc_range = (0, info.num_documents)
+        key = _key(INDEX_VERSION, fp, doc_range, seed, "valid_paths")
+        parts.append(PackedDataset(prefix, doc_range, seq_length, [seed, 1, int(fp[:15], 16)],
+                                   os.path.join(index_root, key), None))
+    return _blend_parts(parts, [float(len(p)) for p in parts], seq_length, index_root)
 
 
 def _key(*parts: object) -> str:

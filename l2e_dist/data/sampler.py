@@ -5,7 +5,11 @@ The sample order is a stream of epochs; epoch e is a permutation of range(len(da
 epoch boundary). Each epoch's permutation is written once to `order_dir` (atomic, reused when present, as OLMo
 does with its global indices) so a resumed run reads the exact order it started with. Within a global batch,
 micro-step m takes positions [m*mb*dp, (m+1)*mb*dp) and rank r the slice [r*mb, (r+1)*mb) of those (Megatron's
-pretraining sampler), so the SET of samples in a global batch never depends on the data-parallel size.
+pretraining sampler, and GPT-NeoX's DistributedBatchSampler over a SequentialSampler), so a global batch
+never depends on the data-parallel size.
+
+Datasets marked `in_file_order` (Pythia's pre-shuffled files) are not permuted: global batch s is samples
+[s*G, (s+1)*G) exactly, as Pythia's utils/batch_viewer.py reads them, and there is no second epoch.
 """
 
 from __future__ import annotations
@@ -36,9 +40,17 @@ def epoch_order(num_samples: int, seed: int, epoch: int, order_dir: str) -> np.n
     return order
 
 
-def global_batch_indices(num_samples: int, global_batch_size: int, step: int, seed: int, order_dir: str) -> np.ndarray:
+def global_batch_indices(num_samples: int, global_batch_size: int, step: int, seed: int, order_dir: str | None,
+                         in_file_order: bool = False) -> np.ndarray:
     """Dataset indices of global batch `step` (length global_batch_size, in stream order)."""
     begin, end = step * global_batch_size, (step + 1) * global_batch_size
+    if in_file_order:
+        if end > num_samples:
+            raise ValueError(
+                f"global batch {step} needs samples [{begin}, {end}) but the data holds {num_samples} in file order "
+                f"({num_samples // global_batch_size} global batches of {global_batch_size}): there is no more data"
+            )
+        return np.arange(begin, end, dtype=np.int64)
     out = np.empty(global_batch_size, dtype=np.int64)
     pos = begin
     while pos < end:
@@ -62,7 +74,8 @@ def global_batch_iterator(
 ) -> Iterator[list[dict[str, torch.Tensor]]]:
     """For each optimizer step from `start_step` on, this DP rank's micro-batches (gas = global/(micro*dp)).
 
-    `order_dir` defaults to the dataset's `index_dir` (datasets from build_datasets have one).
+    `order_dir` defaults to the dataset's `index_dir` (datasets from build_datasets have one). Datasets with
+    `in_file_order = True` are read in file order (no permutation, no order files).
     """
     per_micro_step = micro_batch_size * dp_size
     if micro_batch_size < 1 or dp_size < 1 or global_batch_size < 1:
@@ -79,14 +92,15 @@ def global_batch_iterator(
     num_samples = len(dataset)
     if num_samples == 0:
         raise ValueError("the dataset has no samples: use more data or a shorter seq_length")
-    if order_dir is None:
+    in_file_order = bool(getattr(dataset, "in_file_order", False))
+    if order_dir is None and not in_file_order:
         order_dir = getattr(dataset, "index_dir", None)
         if order_dir is None:
             raise ValueError("this dataset has no index_dir: pass order_dir= (where the sample order is stored)")
     gas = global_batch_size // per_micro_step
     step = start_step
     while True:
-        indices = global_batch_indices(num_samples, global_batch_size, step, seed, order_dir)
+        indices = global_batch_indices(num_samples, global_batch_size, step, seed, order_dir, in_file_order)
         micro_batches = []
         for m in range(gas):
             first = m * per_micro_step + dp_rank * micro_batch_size

@@ -11,20 +11,28 @@ from l2e_dist.config_utils import deep_merge
 
 
 def lr_multiplier(step: int, cfg: RunConfig) -> float:
-    """Linear warmup then cosine (or linear) decay to min_lr_ratio, as in GPT-NeoX/Pythia. `step` counts
-    optimizer steps already taken (0-based)."""
-    opt, total = cfg.optimizer, cfg.train.train_iters
+    """Linear warmup then cosine (or linear) decay to min_lr_ratio, as in GPT-NeoX/Pythia, over
+    optimizer.lr_decay_iters (default train.train_iters) steps; times the optional re-warm-up ramp after
+    train.branch_step. `step` counts optimizer steps already taken (0-based, absolute: a run branched at step N
+    starts at step N)."""
+    opt = cfg.optimizer
+    total = opt.lr_decay_iters or cfg.train.train_iters
     warmup = int(round(opt.warmup_fraction * total))
     if warmup and step < warmup:
-        return (step + 1) / warmup
-    if opt.decay_style == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if opt.decay_style == "linear":
-        decay = 1.0 - progress
+        value = (step + 1) / warmup
+    elif opt.decay_style == "constant":
+        value = 1.0
     else:
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return opt.min_lr_ratio + (1.0 - opt.min_lr_ratio) * decay
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if opt.decay_style == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        value = opt.min_lr_ratio + (1.0 - opt.min_lr_ratio) * decay
+    branch = cfg.train.branch_step
+    if branch is not None and branch <= step < branch + opt.branch_warmup_iters:
+        value *= (step - branch + 1) / opt.branch_warmup_iters
+    return value
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -45,7 +53,10 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
+    """The scheduler counts this run's steps; a branched run's schedule starts at train.branch_step (its
+    checkpoints store the count since the branch, so a resume lands on the same absolute step)."""
+    first_step = cfg.train.branch_step or 0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(first_step + step, cfg))
 
 
 def effective_zero_stage(cfg: RunConfig, dp_size: int) -> int:

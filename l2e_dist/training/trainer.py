@@ -24,7 +24,7 @@ from l2e_dist.checkpoint.io import resume, save_checkpoint
 from l2e_dist.checkpoint.snapshots import SNAPSHOT_DIR, save_snapshot
 from l2e_dist.config import RunConfig, config_to_dict, validate_world
 from l2e_dist.config_utils import ConfigError
-from l2e_dist.data import build_datasets, global_batch_iterator, prepare_default_corpus
+from l2e_dist.data import build_datasets, prepare_default_corpus
 from l2e_dist.l2e.hooks import ScoreMeter
 from l2e_dist.l2e.hooks import attach as attach_l2e
 from l2e_dist.l2e.inhibitor import L2EInhibitor
@@ -38,6 +38,7 @@ from l2e_dist.parallel.state import (
 from l2e_dist.training.metrics import MetricsLogger
 from l2e_dist.training.optim import effective_zero_stage, initialize_engine
 from l2e_dist.training.preemption import PreemptionHandler, start_watchdog
+from l2e_dist.training.run_data import check_run_data, first_step, run_batches
 
 # Peak dense bf16/fp16 TFLOP/s per device, for the MFU estimate (None: unknown, MFU not reported).
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "V100": 125.0, "L4": 121.0}
@@ -133,14 +134,7 @@ def evaluate(
             inhibitor, probes, cfg.l2e.eval_reference_score, sample_size=cfg.logging.histogram_size
         )
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    batches = global_batch_iterator(
-        valid_set,
-        global_batch_size=cfg.train.global_batch_size,
-        micro_batch_size=cfg.train.micro_batch_size,
-        dp_rank=layout.dp_rank,
-        dp_size=layout.dp_size,
-        seed=cfg.train.seed + 1,
-    )
+    batches = run_batches(cfg, valid_set, dp_rank=layout.dp_rank, dp_size=layout.dp_size, split="valid")
     for _, micro_batches in zip(range(cfg.train.eval_iters), batches):
         for micro in micro_batches:
             tokens = micro["tokens"].to(device)
@@ -191,6 +185,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {datasets.vocab_size}: "
             "set model.vocab_size to null or at least the tokenizer vocabulary"
         )
+    check_run_data(cfg, datasets)  # file-order data ends; an init_from checkpoint's vocabulary
 
     seed_everything(cfg.train.seed)  # identical init on every rank and every TP size
     model = GPTNeoX(cfg.model)
@@ -203,7 +198,8 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     watchdog = start_watchdog(cfg.parallel.watchdog_timeout_s) if cfg.parallel.watchdog_timeout_s else None
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
-    start_step = resume(engine, cfg, ckpt_dir, inhibitor) if cfg.train.resume else 0
+    resumed_step = resume(engine, cfg, ckpt_dir, inhibitor) if cfg.train.resume else 0
+    start_step = resumed_step or first_step(cfg)  # a fresh branched run starts at train.branch_step
     snapshot_steps = set(cfg.train.snapshot_steps())
     if start_step == 0 and 0 in snapshot_steps:  # the initialization, before the first update
         _snapshot(engine, inhibitor, out_dir, 0, cfg, resumed=False)
@@ -225,7 +221,8 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         print(
             f"l2e-dist: world={layout.world_size} tp={layout.tp_size} dp={layout.dp_size} "
             f"zero={_zero_description(cfg, dp_size)} precision={cfg.deepspeed.precision} params={n_params / 1e6:.2f}M "
-            f"gas={gas} l2e={cfg.l2e.method} device={device.type} resume_step={start_step}",
+            f"gas={gas} l2e={cfg.l2e.method} device={device.type} resume_step={start_step}"
+            + (f" branch_step={cfg.train.branch_step}" if cfg.train.branch_step is not None else ""),
             flush=True,
         )
 
@@ -233,15 +230,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     flops_per_token = cfg.model.flops_per_token(cfg.train.seq_length, model.padded_vocab_size)
     peak = _peak_tflops()
     dp_group = parallel_state.get_data_parallel_group()
-    batches = global_batch_iterator(
-        datasets.train,
-        global_batch_size=cfg.train.global_batch_size,
-        micro_batch_size=cfg.train.micro_batch_size,
-        dp_rank=layout.dp_rank,
-        dp_size=layout.dp_size,
-        seed=cfg.train.seed,
-        start_step=start_step,
-    )
+    batches = run_batches(cfg, datasets.train, dp_rank=layout.dp_rank, dp_size=layout.dp_size, start_step=start_step)
     losses: list[float] = []
     valid_metrics: dict[str, float] | None = None
     stop, requeued = False, False
@@ -301,7 +290,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         stop = preempt.should_stop(step=step) and step < cfg.train.train_iters
         if step in snapshot_steps:  # before this step's resume checkpoint: a resume never skips a snapshot
             _allow_slow_phase(watchdog, step, "snapshot")
-            _snapshot(engine, inhibitor, out_dir, step, cfg, resumed=start_step > 0)
+            _snapshot(engine, inhibitor, out_dir, step, cfg, resumed=resumed_step > 0)
         if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or stop:
             if step != cfg.train.train_iters:
                 _allow_slow_phase(watchdog, step, "checkpoint")
