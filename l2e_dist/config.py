@@ -25,6 +25,9 @@ class ParallelConfig:
     # A rank whose training loop shows no progress for this long exits non-zero, naming the silent peer
     # (a dead or hung rank otherwise leaves the others blocked). 0 disables the watchdog.
     watchdog_timeout_s: float = 900.0
+    # auto: the GPU of this rank when CUDA sees one, else the CPU (but a Slurm job that asked for GPUs and sees
+    # none fails); cuda: a GPU or a one-line error; cpu: the CPU (+ gloo) even on a GPU node.
+    device: Literal["auto", "cuda", "cpu"] = "auto"
 
     def validate(self) -> None:
         if self.tensor_parallel < 1:
@@ -99,6 +102,9 @@ class TrainConfig:
     init_from: str | None = (
         None  # weights of a checkpoint / HF dir / l2e-convert from-hf output; fresh optimizer
     )
+    # bf16/fp16: consecutive steps with a non-finite loss (bf16) or overflowing at the minimum loss scale
+    # (fp16) that stop the run; DeepSpeed skips those updates meanwhile. fp32 stops at the first.
+    nonfinite_patience: int = 3
 
     def validate(self) -> None:
         for name in self.preempt_signals:
@@ -111,6 +117,7 @@ class TrainConfig:
             "train_iters",
             "log_interval",
             "preempt_check_every",
+            "nonfinite_patience",
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")

@@ -558,12 +558,12 @@ def _run(settings: BenchSettings, cfgs: dict[str, RunConfig], device: torch.devi
     loadavg_end = os.getloadavg()
     profiled = _profile(variants, batches, settings, device) if settings.profile_dir else []
 
-    from l2e_dist.training.trainer import _peak_tflops
+    from l2e_dist.training.throughput import device_peak_tflops
 
     padded = cfg.model.padded_vocab_size(1)
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
     flops_per_token = cfg.model.flops_per_token(cfg.train.seq_length, padded)
-    peak_tflops = _peak_tflops() if device.type == "cuda" else None
+    peak_tflops = device_peak_tflops(device)
     results: dict[str, dict] = {}
     for name, v in variants.items():
         wall = _quantiles(v.wall)

@@ -6,11 +6,9 @@ data, model, l2e, training.optim, training.metrics, checkpoint.io).
 
 from __future__ import annotations
 
-import math
 import random
 import resource
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +33,11 @@ from l2e_dist.parallel.state import (
     tensor_and_data_parallel_group,
 )
 from l2e_dist.training.metrics import MetricsLogger
+from l2e_dist.training.numerics import NonFiniteGuard, disable_deepspeed_min_scale_error, optimizer_loss_scale
 from l2e_dist.training.optim import effective_zero_stage, initialize_engine
 from l2e_dist.training.preemption import PreemptionHandler, start_watchdog
-
-# Peak dense bf16/fp16 TFLOP/s per device, for the MFU estimate (None: unknown, MFU not reported).
-_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "V100": 125.0, "L4": 121.0}
+from l2e_dist.training.prefetch import prefetch_to_device
+from l2e_dist.training.throughput import TrainingClock, device_peak_tflops, mfu
 
 
 @dataclass
@@ -60,13 +58,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-
-
-def _peak_tflops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
 
 
 def _prepare_data(cfg: RunConfig, layout: ParallelLayout):
@@ -169,7 +160,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     preempt = PreemptionHandler(tuple(cfg.train.preempt_signals), check_every=cfg.train.preempt_check_every)
     if threading.current_thread() is threading.main_thread():
         preempt.install()  # first: a signal before this would kill the process without a checkpoint
-    layout = init_process_groups(cfg.parallel.tensor_parallel, cfg.parallel.dist_timeout_s)
+    layout = init_process_groups(cfg.parallel.tensor_parallel, cfg.parallel.dist_timeout_s, cfg.parallel.device)
     dp_size = validate_world(cfg, layout.world_size)
     gas = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
     device = default_device()
@@ -198,6 +189,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         load_init_weights(model, cfg.train.init_from, layout.tp_rank, layout.tp_size)
     inhibitor = _build_inhibitor(cfg, model, layout, gas, device)
     engine = initialize_engine(model, cfg, dp_size)
+    disable_deepspeed_min_scale_error(engine)
 
     watchdog = start_watchdog(cfg.parallel.watchdog_timeout_s) if cfg.parallel.watchdog_timeout_s else None
     out_dir = Path(cfg.train.output_dir)
@@ -227,9 +219,10 @@ def pretrain(cfg: RunConfig) -> TrainResult:
 
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
     flops_per_token = cfg.model.flops_per_token(cfg.train.seq_length, model.padded_vocab_size)
-    peak = _peak_tflops()
+    peak = device_peak_tflops(device)
     dp_group = parallel_state.get_data_parallel_group()
-    batches = global_batch_iterator(
+    guard = NonFiniteGuard(cfg.deepspeed.precision, cfg.train.nonfinite_patience)
+    batches = prefetch_to_device(global_batch_iterator(
         datasets.train,
         global_batch_size=cfg.train.global_batch_size,
         micro_batch_size=cfg.train.micro_batch_size,
@@ -237,28 +230,33 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         dp_size=layout.dp_size,
         seed=cfg.train.seed,
         start_step=start_step,
-    )
+    ), device)
     losses: list[float] = []
     valid_metrics: dict[str, float] | None = None
     stop, requeued = False, False
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    steps_since_log, t_last = 0, time.perf_counter()
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = 0.0
+    steps_since_log, clock = 0, TrainingClock(device)
     step = start_step
     _set_training(engine, inhibitor, True)
     for step in range(start_step + 1, cfg.train.train_iters + 1):
-        micro_batches = next(batches)
+        micro_batches = next(batches)  # already on the device (prefetched one step ahead)
+        step_loss.zero_()
         for micro in micro_batches:
-            tokens = micro["tokens"].to(device)
             if inhibitor is not None:
-                inhibitor.set_features(micro["features"][:, :-1].to(device) if cfg.l2e.fkr else None)
-            lm_loss = train_micro_batch(engine, inhibitor, tokens)
-            loss_sum += lm_loss.detach().double() / gas
+                inhibitor.set_features(micro["features"][:, :-1] if cfg.l2e.fkr else None)
+            lm_loss = train_micro_batch(engine, inhibitor, micro["tokens"])
+            step_loss += lm_loss.detach().double() / gas
+        # One scalar all_reduce per step: every rank sees the same mean loss, so all stop together.
+        dist.all_reduce(step_loss, group=dp_group)
+        mean_step_loss = step_loss.item() / dp_size
+        guard.after_step(step, mean_step_loss, engine.was_step_applied(), optimizer_loss_scale(engine))
+        loss_sum += mean_step_loss
         steps_since_log += 1
 
         if step % cfg.train.log_interval == 0 or step == cfg.train.train_iters:
-            dist.all_reduce(loss_sum, group=dp_group)
-            mean_loss = (loss_sum / (dp_size * steps_since_log)).item()
-            elapsed = time.perf_counter() - t_last
+            mean_loss = loss_sum / steps_since_log
+            elapsed = clock.lap()  # training time only: eval and checkpoint writes are paused out
             tokens_per_s = tokens_per_step * steps_since_log / elapsed
             metrics = {
                 "train/loss": mean_loss,
@@ -270,8 +268,10 @@ def pretrain(cfg: RunConfig) -> TrainResult:
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
             if peak is not None:
-                metrics["train/mfu"] = tokens_per_s * flops_per_token / (peak * 1e12 * layout.world_size)
-            if torch.cuda.is_available():
+                metrics["train/mfu"] = mfu(tokens_per_s, flops_per_token, peak, layout.world_size)
+            if guard.skipped_steps:
+                metrics["train/skipped_steps"] = guard.skipped_steps
+            if device.type == "cuda":
                 metrics["train/max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             else:
                 metrics["train/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -279,26 +279,25 @@ def pretrain(cfg: RunConfig) -> TrainResult:
                 metrics.update(inhibitor.metrics())
             losses.append(mean_loss)
             logger.log(step, metrics)
-            if not math.isfinite(mean_loss) and cfg.deepspeed.precision == "fp32":
-                raise FloatingPointError(f"loss is {mean_loss} at step {step} in fp32: lower optimizer.lr")
-            loss_sum.zero_()
-            steps_since_log, t_last = 0, time.perf_counter()
+            loss_sum, steps_since_log = 0.0, 0
         logger.advance(1)
         if watchdog is not None:
             watchdog.heartbeat(step)
 
         if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.train_iters):
             _allow_slow_phase(watchdog, step, "eval")
-            valid_metrics = evaluate(
-                engine, model, inhibitor, datasets.valid, cfg, layout, device, logger, step
-            )
+            with clock.paused():
+                valid_metrics = evaluate(
+                    engine, model, inhibitor, datasets.valid, cfg, layout, device, logger, step
+                )
             logger.log(step, valid_metrics)
         # A signal during the last step changes nothing: the run finishes (exit 0) instead of stopping (75).
         stop = preempt.should_stop(step=step) and step < cfg.train.train_iters
         if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or stop:
             if step != cfg.train.train_iters:
                 _allow_slow_phase(watchdog, step, "checkpoint")
-                _save(engine, inhibitor, ckpt_dir, step, cfg)
+                with clock.paused():
+                    _save(engine, inhibitor, ckpt_dir, step, cfg)
         if stop:
             requeued = preempt.requeue()
             if is_rank0:
