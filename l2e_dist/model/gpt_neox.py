@@ -8,11 +8,11 @@ head 1, ...), as in GPT-NeoX and HF; a column-parallel split therefore gives eac
 The MLP exposes two `nn.Identity` probes (`pre_act_probe`, `post_act_probe`) at the neuron activation: the
 L2E engine attaches forward hooks there, so this file knows nothing of L2E (nor of DeepSpeed).
 
-At TP=1 the parameters stay in the megatron-core layers but the compute takes two shorter paths (profiled on
-CPU against transformers' GPTNeoXForCausalLM): linear layers run as one `F.linear` (a fused addmm; megatron's
-path is matmul + separate bias add through extra autograd functions), and the loss is `_CrossEntropy`
-(softmax in place over the logits, no collectives; megatron's vocab-parallel version makes five full passes
-over the logits and three all_reduces even on one rank). TP>1 uses megatron-core's layers and loss as they are.
+At TP=1 the parameters stay in the megatron-core layers but linear layers run as one `F.linear` (profiled on
+CPU against transformers' GPTNeoXForCausalLM: a fused addmm; megatron's path is matmul + separate bias add
+through extra autograd functions); TP>1 uses megatron-core's layers as they are. The output projection and the
+cross entropy run together in chunks of tokens (lm_head_loss.py: vocab-parallel, in-place softmax, gradients
+in the forward for the training mean), so the fp32 logits of a whole micro-batch never exist.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from megatron.core.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     reduce_from_tensor_model_parallel_region,
-    vocab_parallel_cross_entropy,
 )
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from l2e_dist.model.config import ModelConfig
+from l2e_dist.model.lm_head_loss import chunked_lm_head_loss
 
 
 def _linear(layer: nn.Module, x: torch.Tensor, tp_size: int) -> torch.Tensor:
@@ -42,37 +42,6 @@ def _linear(layer: nn.Module, x: torch.Tensor, tp_size: int) -> torch.Tensor:
     if tp_size == 1:
         return F.linear(x, layer.weight, layer.bias)
     return layer(x)[0]
-
-
-class _CrossEntropy(torch.autograd.Function):
-    """Per-token cross entropy of full-vocabulary fp32 logits (TP=1).
-
-    The logits are turned into the softmax in place (they are a temporary no other node saved), which is all
-    the backward needs: grad = (softmax - onehot(target)) * grad_loss, also computed in place. The loss is
-    logsumexp - x_target with logsumexp = x_max - log(p_max): the largest probability is at least 1/vocab, so
-    the log never sees an underflowed probability (two max-reductions cost less than one max with indices).
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        flat = logits.view(-1, logits.shape[-1])
-        target_col = target.reshape(-1, 1)
-        x_target = flat.gather(1, target_col).squeeze(1)
-        x_max = flat.amax(dim=-1)
-        torch.softmax(flat, dim=-1, out=flat)
-        p_max = flat.amax(dim=-1)  # softmax is monotone: the probability at the largest logit
-        loss = x_max - p_max.log() - x_target
-        ctx.save_for_backward(logits, target_col)  # the tensor itself (it now holds the softmax), not a view
-        return loss.view(target.shape)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss: torch.Tensor):
-        probs, target_col = ctx.saved_tensors
-        grad_col = grad_loss.reshape(-1, 1).to(probs.dtype)
-        grad = probs.view(-1, probs.shape[-1]).mul_(grad_col)
-        grad.scatter_add_(1, target_col, -grad_col)
-        return probs, None
 
 
 def _normal_init(std: float):
@@ -319,7 +288,11 @@ class GPTNeoX(nn.Module):
         name = {"post_act": "post_act_probe", "pre_act": "pre_act_probe"}[activation]
         return {i: getattr(layer.mlp, name) for i, layer in enumerate(self.layers)}
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "none"
+    ) -> torch.Tensor:
+        """Per-token losses [b, s] (reduction "none") or their mean (training), or without labels this rank's
+        logits shard. The loss never materialises the micro-batch's full logits (lm_head_loss.py)."""
         x = self.embed_in(tokens)
         cos, sin = self.rotary(tokens.shape[1], x.device)
         for layer in self.layers:
@@ -327,9 +300,7 @@ class GPTNeoX(nn.Module):
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)
-        logits = _linear(self.embed_out, self.final_layer_norm(x), self.tp_size)
+        hidden = self.final_layer_norm(x)
         if labels is None:
-            return logits
-        if self.tp_size == 1:
-            return _CrossEntropy.apply(logits.float(), labels)
-        return vocab_parallel_cross_entropy(logits.float(), labels)
+            return _linear(self.embed_out, hidden, self.tp_size)
+        return chunked_lm_head_loss(hidden, self.embed_out.weight, labels, self.cfg.loss_chunk_tokens, reduction)

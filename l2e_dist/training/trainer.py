@@ -333,7 +333,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
 def train_micro_batch(engine, inhibitor: L2EInhibitor | None, tokens: torch.Tensor) -> torch.Tensor:
     """Forward, LM loss + L2E regularizer, backward, engine step (DeepSpeed applies the optimizer only at the
     gradient-accumulation boundary), then the L2E statistics merge. Returns the mean LM loss."""
-    lm_loss = engine(tokens[:, :-1], tokens[:, 1:]).mean()
+    lm_loss = engine(tokens[:, :-1], tokens[:, 1:], reduction="mean")
     loss = lm_loss + inhibitor.regularization_loss() if inhibitor is not None else lm_loss
     engine.backward(loss)
     engine.step()
