@@ -16,7 +16,10 @@ VOCAB, HIDDEN, BATCH, SEQ = 96, 16, 3, 10
 def _compare(tp: int, chunk_tokens: int) -> dict:
     import torch.nn.functional as F
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
+    from megatron.core.tensor_parallel import (
+        copy_to_tensor_model_parallel_region,
+        vocab_parallel_cross_entropy,
+    )
 
     from l2e_dist.model.lm_head_loss import chunked_lm_head_loss
     from l2e_dist.parallel.state import destroy_process_groups, init_process_groups
