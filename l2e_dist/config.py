@@ -88,6 +88,7 @@ class TrainConfig:
     train_iters: int = 143000
     seed: int = 1234
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer layer (off until measured on a GPU: l2e-bench)
     log_interval: int = 10
     eval_interval: int = 1000  # 0 disables validation
     eval_iters: int = 10

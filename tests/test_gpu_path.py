@@ -222,3 +222,23 @@ def test_training_clock_leaves_out_eval_and_checkpoint_time(monkeypatch):
     assert clock.lap() == pytest.approx(3.0)
     now["t"] += 4.0
     assert clock.lap() == pytest.approx(4.0)
+
+
+# ------------------------------------------------------------------------------------------- compile
+
+
+def _losses(overrides: list[str]) -> list[float]:
+    from tests.conftest import pretrain_losses
+
+    return pretrain_losses(overrides)
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager(tmp_path, data_cache):
+    """train.compile=true (torch.compile per layer, L2E hooks inside) gives the eager losses on CPU."""
+    extra = {"train.train_iters": 4, "l2e.method": "l2e", "l2e.late_start": 2}
+    eager = run_distributed(_losses, 1, small_run_overrides(tmp_path / "eager", data_cache, **extra))[0]
+    compiled = run_distributed(
+        _losses, 1, small_run_overrides(tmp_path / "compiled", data_cache, **extra, **{"train.compile": "true"}))[0]
+    assert len(eager) == 4 and all(loss == loss for loss in eager)
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)

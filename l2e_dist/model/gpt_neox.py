@@ -283,6 +283,12 @@ class GPTNeoX(nn.Module):
             gather_output=False,
         )
 
+    def compile_layers(self) -> None:
+        """`train.compile`: torch.compile each transformer layer in place (state-dict names unchanged, so
+        checkpoints and HF conversion are unaffected; the L2E probe hooks inside run in the compiled graph)."""
+        for layer in self.layers:
+            layer.compile()
+
     def mlp_probes(self, activation: str = "post_act") -> dict[int, nn.Module]:
         """Layer index -> the identity module at the MLP neuron activation (for L2E hooks)."""
         name = {"post_act": "post_act_probe", "pre_act": "pre_act_probe"}[activation]

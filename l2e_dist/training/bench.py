@@ -244,6 +244,8 @@ def _build_ours(cfg: RunConfig, device: torch.device) -> _Variant:
     gas = cfg.train.global_batch_size // cfg.train.micro_batch_size
     seed_everything(cfg.train.seed)
     model = GPTNeoX(cfg.model)
+    if cfg.train.compile:
+        model.compile_layers()
     inhibitor = None
     if cfg.l2e.method != "none":
         layers = cfg.l2e.resolve_layers(cfg.model.num_layers)

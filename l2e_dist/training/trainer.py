@@ -185,6 +185,8 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     seed_everything(cfg.train.seed)  # identical init on every rank and every TP size
     model = GPTNeoX(cfg.model)
     model.activation_checkpointing = cfg.train.activation_checkpointing
+    if cfg.train.compile:
+        model.compile_layers()
     if cfg.train.init_from:  # weights only (fresh optimizer); a checkpoint to resume from overrides them
         load_init_weights(model, cfg.train.init_from, layout.tp_rank, layout.tp_size)
     inhibitor = _build_inhibitor(cfg, model, layout, gas, device)
