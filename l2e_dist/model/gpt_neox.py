@@ -86,10 +86,18 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, rotary_dims: int, base: int):
         super().__init__()
-        self.rotary_dims = rotary_dims
-        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dims, 2, dtype=torch.int64).float() / rotary_dims))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rotary_dims, self.base = rotary_dims, base
+        self.register_buffer("inv_freq", self._inverse_frequencies(), persistent=False)
         self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def _inverse_frequencies(self, device=None) -> torch.Tensor:
+        exponents = torch.arange(0, self.rotary_dims, 2, dtype=torch.int64, device=device).float() / self.rotary_dims
+        return 1.0 / (self.base ** exponents)
+
+    def reset_buffers(self) -> None:
+        """Recompute the (non-persistent) tables after a model built on the meta device was materialised."""
+        self.inv_freq = self._inverse_frequencies(self.inv_freq.device)
+        self._cache = None
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cache is None or self._cache[0] < seq_len or self._cache[1] != device:
@@ -282,6 +290,12 @@ class GPTNeoX(nn.Module):
             bias=False,
             gather_output=False,
         )
+
+    def materialize(self, device: torch.device) -> None:
+        """A model built under `torch.device("meta")` gets uninitialised storage on `device` (every parameter
+        must then be loaded, e.g. by checkpoint.convert.load_init_weights) and its computed buffers."""
+        self.to_empty(device=device)
+        self.rotary.reset_buffers()
 
     def compile_layers(self) -> None:
         """`train.compile`: torch.compile each transformer layer in place (state-dict names unchanged, so

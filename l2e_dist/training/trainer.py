@@ -95,6 +95,20 @@ def _build_inhibitor(
     return inhibitor
 
 
+def build_model(cfg: RunConfig, layout: ParallelLayout, device: torch.device) -> GPTNeoX:
+    """This rank's model. Random init: each rank draws the full matrices from the seed and keeps its TP slice
+    (identical weights at every TP size). `train.init_from` (weights only, fresh optimizer; a checkpoint to
+    resume from overrides them): built on the meta device (no memory, no wasted init), materialised on the
+    training device and filled with this rank's shard, read lazily from an HF directory."""
+    if not cfg.train.init_from:
+        return GPTNeoX(cfg.model)
+    with torch.device("meta"):
+        model = GPTNeoX(cfg.model)
+    model.materialize(device)
+    load_init_weights(model, cfg.train.init_from, layout.tp_rank, layout.tp_size)
+    return model
+
+
 def _set_training(engine, inhibitor: L2EInhibitor | None, training: bool) -> None:
     engine.train(training)
     if inhibitor is not None:
@@ -183,12 +197,10 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         )
 
     seed_everything(cfg.train.seed)  # identical init on every rank and every TP size
-    model = GPTNeoX(cfg.model)
+    model = build_model(cfg, layout, device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.compile:
         model.compile_layers()
-    if cfg.train.init_from:  # weights only (fresh optimizer); a checkpoint to resume from overrides them
-        load_init_weights(model, cfg.train.init_from, layout.tp_rank, layout.tp_size)
     inhibitor = _build_inhibitor(cfg, model, layout, gas, device)
     engine = initialize_engine(model, cfg, dp_size)
     disable_deepspeed_min_scale_error(engine)
