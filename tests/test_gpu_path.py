@@ -4,6 +4,7 @@ loss stop per precision (with an injected NaN), the MFU peak table and the train
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -50,14 +51,15 @@ def test_slurm_job_that_asked_for_gpus_and_sees_none_fails(monkeypatch):
 
 
 def test_cuda_device_max_connections_is_set_for_tensor_parallel(monkeypatch):
-    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "recorded")  # so that monkeypatch restores the original
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
     state._set_cuda_environment(1)
-    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in __import__("os").environ
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
     state._set_cuda_environment(2)
-    assert __import__("os").environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")  # a user's own value is kept
     state._set_cuda_environment(2)
-    assert __import__("os").environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"
 
 
 def test_pretrain_with_device_cuda_and_no_gpu_is_one_line_exit_2(tmp_path):

@@ -56,6 +56,15 @@ def _softmax_minus_onehot_(probs: torch.Tensor, inside: torch.Tensor, column: to
     return probs
 
 
+def _accumulate_grad_weight(total: torch.Tensor | None, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """total (fp32) += grad^T @ h: in place for fp32 (addmm_), through an fp32 upcast for bf16/fp16 chunks."""
+    if total is None:
+        return (grad.t() @ h).float()
+    if grad.dtype == torch.float32:
+        return total.addmm_(grad.t(), h)
+    return total.add_(grad.t() @ h)
+
+
 class _ChunkedLMHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_tokens: int, group, vocab_start: int, mean: bool):
@@ -65,7 +74,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         grads_now = mean and needs_grad
         if grads_now:
             grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            grad_weight = None
         else:
             lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_tokens):
@@ -74,14 +83,14 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             logits = (h @ weight.t()).float()
             loss, lse, inside, column = _chunk_softmax_loss(logits, labels[rows], vocab_start, group)
             losses[rows] = loss
-            if grads_now:
-                grad = _softmax_minus_onehot_(logits, inside, column).div_(n).to(weight.dtype)
+            if grads_now:  # of the SUM of the chunk's losses; backward scales by grad_out / n
+                grad = _softmax_minus_onehot_(logits, inside, column).to(weight.dtype)
                 torch.mm(grad, weight, out=grad_hidden[rows])
-                grad_weight += (grad.t() @ h).float()
+                grad_weight = _accumulate_grad_weight(grad_weight, grad, h)
             elif not mean:
                 lse_all[rows] = lse
             del logits
-        ctx.chunk_tokens, ctx.group, ctx.vocab_start, ctx.mean = chunk_tokens, group, vocab_start, mean
+        ctx.chunk_tokens, ctx.group, ctx.vocab_start, ctx.mean, ctx.tokens = chunk_tokens, group, vocab_start, mean, n
         if mean:
             if grads_now:
                 ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
@@ -94,12 +103,16 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         if ctx.mean:
-            grad_hidden, grad_weight = ctx.saved_tensors
-            return grad_hidden * grad_out.to(grad_hidden.dtype), grad_weight * grad_out.to(grad_weight.dtype), \
+            if getattr(ctx, "consumed", False):
+                raise RuntimeError("chunked LM loss: a second backward through the same graph is not supported")
+            ctx.consumed = True
+            grad_hidden, grad_weight = ctx.saved_tensors  # saved for this backward only: scaled in place
+            scale = grad_out / ctx.tokens
+            return grad_hidden.mul_(scale.to(grad_hidden.dtype)), grad_weight.mul_(scale.to(grad_weight.dtype)), \
                 None, None, None, None, None
         hidden, weight, labels, lse_all = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_weight = None
         width = weight.shape[0]
         for start in range(0, hidden.shape[0], ctx.chunk_tokens):
             rows = slice(start, min(start + ctx.chunk_tokens, hidden.shape[0]))
@@ -110,7 +123,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             grad = _softmax_minus_onehot_(probs, inside, local.clamp(0, width - 1))
             grad = grad.mul_(grad_out[rows, None].float()).to(weight.dtype)
             torch.mm(grad, weight, out=grad_hidden[rows])
-            grad_weight += (grad.t() @ h).float()
+            grad_weight = _accumulate_grad_weight(grad_weight, grad, h)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 
