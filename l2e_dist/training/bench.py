@@ -12,7 +12,7 @@ Choices that matter for reading the figures:
   threads waiting on each other made steps ~10x slower and far noisier), sequence length at most 128 and micro
   batch at most 8 unless given. CUDA runs bf16 through the same code: DeepSpeed's bf16 mode for ours, autocast
   bf16 over fp32 weights for transformers; MFU = tokens/s x ModelConfig.flops_per_token / the device's peak
-  (the trainer's table; none for unknown devices).
+  (training/throughput.py's table, matched to the exact part; none for unknown devices).
 - Ratios: median step time of each variant (the headline), the median of the per-round paired ratios with a
   bootstrap 95% interval, and the ratio of 10th percentiles (least disturbed by other load: interference only
   adds time). Load averages before, during and after are in the report.
