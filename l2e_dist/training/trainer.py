@@ -203,12 +203,12 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         model.compile_layers()
     inhibitor = _build_inhibitor(cfg, model, layout, gas, device)
     engine = initialize_engine(model, cfg, dp_size)
-    disable_deepspeed_min_scale_error(engine)
 
     watchdog = start_watchdog(cfg.parallel.watchdog_timeout_s) if cfg.parallel.watchdog_timeout_s else None
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     start_step = resume(engine, cfg, ckpt_dir, inhibitor) if cfg.train.resume else 0
+    disable_deepspeed_min_scale_error(engine)  # after resume: loading a checkpoint replaces the loss scaler
     is_rank0 = layout.rank == 0
     logger = MetricsLogger(
         str(out_dir),
