@@ -244,3 +244,15 @@ def test_compiled_layers_train_like_eager(tmp_path, data_cache):
         _losses, 1, small_run_overrides(tmp_path / "compiled", data_cache, **extra, **{"train.compile": "true"}))[0]
     assert len(eager) == 4 and all(loss == loss for loss in eager)
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_injected_nan_in_fp16_stops_once_the_loss_scale_is_at_its_minimum(tmp_path, data_cache):
+    """fp16 on CPU, loss scale 2**2: the NaN steps first halve the scale (normal fp16 overflows, skipped), and
+    only `nonfinite_patience` overflowing steps at the minimum scale stop the run."""
+    extra = {"train.global_batch_size": 4, "train.micro_batch_size": 2, "train.train_iters": 12,
+             "deepspeed.precision": "fp16", "deepspeed.initial_scale_power": 2, "train.nonfinite_patience": 2}
+    (r,) = run_distributed(_pretrain_with_nan, 1, small_run_overrides(tmp_path, data_cache, **extra), list(range(3, 13)))
+    assert r["error"] is not None and "minimum fp16 loss scale 1" in r["error"], r
+    step = int(r["error"].split("up to step ")[1].split(" ")[0])
+    assert 5 <= step <= 10, r  # not at the first overflow: scale 4 -> 2 -> 1 (hysteresis 2) first
