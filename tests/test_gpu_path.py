@@ -62,6 +62,7 @@ def test_cuda_device_max_connections_is_set_for_tensor_parallel(monkeypatch):
     assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"
 
 
+@pytest.mark.slow
 def test_pretrain_with_device_cuda_and_no_gpu_is_one_line_exit_2(tmp_path):
     import subprocess
     import sys
