@@ -25,6 +25,9 @@ class ParallelConfig:
     # A rank whose training loop shows no progress for this long exits non-zero, naming the silent peer
     # (a dead or hung rank otherwise leaves the others blocked). 0 disables the watchdog.
     watchdog_timeout_s: float = 900.0
+    # auto: the GPU of this rank when CUDA sees one, else the CPU (but a Slurm job that asked for GPUs and sees
+    # none fails); cuda: a GPU or a one-line error; cpu: the CPU (+ gloo) even on a GPU node.
+    device: Literal["auto", "cuda", "cpu"] = "auto"
 
     def validate(self) -> None:
         if self.tensor_parallel < 1:
@@ -95,6 +98,7 @@ class TrainConfig:
     train_iters: int = 143000
     seed: int = 1234
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer layer (off until measured on a GPU: l2e-bench)
     log_interval: int = 10
     eval_interval: int = 1000  # 0 disables validation
     eval_iters: int = 10
@@ -119,6 +123,9 @@ class TrainConfig:
     # weights come from init_from, the data position and the lr schedule start at step N (the first batch
     # trained on is global batch N, as `l2e-prepare-data batch --step N` shows), AdamW starts fresh.
     branch_step: int | None = None
+    # bf16/fp16: consecutive steps with a non-finite loss (bf16) or overflowing at the minimum loss scale
+    # (fp16) that stop the run; DeepSpeed skips those updates meanwhile. fp32 stops at the first.
+    nonfinite_patience: int = 3
 
     def validate(self) -> None:
         for name in self.preempt_signals:
@@ -131,6 +138,7 @@ class TrainConfig:
             "train_iters",
             "log_interval",
             "preempt_check_every",
+            "nonfinite_patience",
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")

@@ -36,13 +36,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from l2e_dist.checkpoint.io import CheckpointError
     from l2e_dist.parallel.state import destroy_process_groups
+    from l2e_dist.training.numerics import TrainingDiverged
     from l2e_dist.training.trainer import pretrain
 
     try:
         result = pretrain(cfg)
-    except (ConfigError, CheckpointError) as exc:  # world-size checks, unusable checkpoints
+    except (ConfigError, CheckpointError) as exc:  # world-size checks, unusable checkpoints, no GPU
         print(f"l2e-pretrain: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:  # the loss stayed non-finite: one line, exit 1
+        print(f"l2e-pretrain: {exc}", file=sys.stderr)
+        return 1
     finally:
         destroy_process_groups()
     if result.stopped_by_signal and not result.requeued:

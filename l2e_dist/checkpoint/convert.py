@@ -36,7 +36,7 @@ from l2e_dist.checkpoint.hf import (
 from l2e_dist.checkpoint.io import CheckpointError, find_resume_checkpoint, verify_checkpoint, write_manifest
 from l2e_dist.config_utils import build
 from l2e_dist.model.config import ModelConfig
-from l2e_dist.model.tp_layout import split_tensor
+from l2e_dist.model.tp_layout import partition_dim, split_tensor
 
 VOCAB_ROW_TENSORS = ("embed_in.weight", "embed_out.weight")
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -97,7 +97,8 @@ class WeightSource:
             self.model_config = model_config_from_hf(hf_cfg)
             ids = {k: getattr(hf_cfg, k, None) for k in ("bos_token_id", "eos_token_id")}
             self.token_ids = {k: v for k, v in ids.items() if v is not None}
-            self._weights = {k: v.float() for k, v in from_hf_state_dict(_read_hf_tensors(self.path)).items()}
+            self._hf = _LazyHFTensors(self.path)  # read per tensor (or per TP slice), never all at once
+            self._weights = None
             self.checkpoint = None
             return
         self.checkpoint_dir = resolve_checkpoint(self.path)
@@ -107,33 +108,95 @@ class WeightSource:
             raise CheckpointError(f"{self.checkpoint_dir} records no model config (not an l2e-dist checkpoint)")
         self.model_config = build(ModelConfig, self.run_config["model"], "model")
         self.token_ids = dict(self.checkpoint.client_state.get("hf_token_ids") or {})
-        self._weights = None
+        self._hf = None
 
     @property
     def names(self) -> list[str]:
-        return list(self._weights) if self.checkpoint is None else self.checkpoint.names
+        return self._hf.names if self.checkpoint is None else self.checkpoint.names
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._weights[name] if self.checkpoint is None else self.checkpoint.full(name)
+        """The full fp32 tensor `name`."""
+        return self._hf.full(name).float() if self.checkpoint is None else self.checkpoint.full(name)
+
+    def tp_shard(self, name: str, rows: int, real_vocab: int, tp_size: int, tp_rank: int) -> torch.Tensor:
+        """This TP rank's fp32 shard of `name` (vocabulary matrices resized to `rows` padded rows first). From an
+        HF directory only the shard's bytes are read; a training checkpoint is merged first (its own layout)."""
+        if self.checkpoint is not None:
+            return split_tensor(name, resize_vocab_rows(name, self.tensor(name), rows, real_vocab), tp_size, tp_rank)
+        shape = self._hf.shape(name)
+        dim = partition_dim(name) if tp_size > 1 else None
+        if name in VOCAB_ROW_TENSORS and shape[0] != rows:
+            if rows < real_vocab:
+                raise CheckpointError(f"{name}: cannot shrink to {rows} rows, the vocabulary has {real_vocab} tokens")
+            shape = (rows, *shape[1:])
+        if dim is None:
+            return resize_vocab_rows(name, self._hf.full(name), rows, real_vocab).float()
+        if shape[dim] % tp_size:
+            raise CheckpointError(f"{name}: dim {dim} of size {shape[dim]} does not split into {tp_size} TP shards")
+        size = shape[dim] // tp_size
+        start, stop = tp_rank * size, (tp_rank + 1) * size
+        stored = self._hf.shape(name)[dim]
+        part = self._hf.slice(name, dim, min(start, stored), min(stop, stored)).float()
+        if part.shape[dim] < size:  # padding rows of the vocabulary beyond the stored ones are zero
+            pad = list(part.shape)
+            pad[dim] = size - part.shape[dim]
+            part = torch.cat([part, part.new_zeros(pad)], dim=dim)
+        return part.contiguous()
 
     def padded_vocab_size(self) -> int:
         if self.checkpoint is None:
-            return int(self._weights["embed_in.weight"].shape[0])
+            return int(self._hf.shape("embed_in.weight")[0])
         return int(self.checkpoint.local_shape("embed_in.weight")[0]) * self.checkpoint.tp_size
 
 
-def _read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+class _LazyHFTensors:
+    """The tensors of an HF directory under our names, read on demand: safetensors files through `safe_open`
+    (a slice reads only its bytes), pytorch_model.bin memory-mapped."""
 
-    if (directory / "model.safetensors").is_file():
-        return load_file(str(directory / "model.safetensors"))
-    if (directory / "model.safetensors.index.json").is_file():
-        index = json.loads((directory / "model.safetensors.index.json").read_text())
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            state.update(load_file(str(directory / shard)))
-        return state
-    return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        self._handles: dict[str, Any] = {}
+        if (directory / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        elif (directory / "model.safetensors.index.json").is_file():
+            index = json.loads((directory / "model.safetensors.index.json").read_text())
+            files = sorted(set(index["weight_map"].values()))
+        else:
+            files = []
+            state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+            self._tensors = from_hf_state_dict(state)
+        self._where: dict[str, tuple[Any, str]] = {}
+        for file in files:
+            handle = safe_open(str(directory / file), framework="pt")
+            self._handles[file] = handle
+            for hf_name, ours in from_hf_state_dict({k: k for k in handle.keys()}).items():
+                self._where[hf_name] = (handle, ours)
+        if files:
+            self._tensors = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._where) if self._tensors is None else list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._tensors is not None:
+            return tuple(self._tensors[name].shape)
+        handle, key = self._where[name]
+        return tuple(handle.get_slice(key).get_shape())
+
+    def full(self, name: str) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[name]
+        handle, key = self._where[name]
+        return handle.get_tensor(key)
+
+    def slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[name].narrow(dim, start, stop - start)
+        handle, key = self._where[name]
+        view = handle.get_slice(key)
+        return view[start:stop] if dim == 0 else view[:, start:stop]
 
 
 def load_as_hf_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -357,8 +420,7 @@ def load_init_weights(model: torch.nn.Module, path: str | Path, tp_rank: int, tp
         raise CheckpointError(f"train.init_from={path} lacks {missing[:3]}...: not a GPTNeoX checkpoint of this model")
     with torch.no_grad():
         for name, param in params.items():
-            full = resize_vocab_rows(name, source.tensor(name), model.padded_vocab_size, ours.vocab_size or 0)
-            local = split_tensor(name, full, tp_size, tp_rank)
+            local = source.tp_shard(name, model.padded_vocab_size, ours.vocab_size or 0, tp_size, tp_rank)
             if local.shape != param.shape:
                 raise CheckpointError(f"train.init_from={path}: {name} has shape {tuple(local.shape)} on TP rank "
                                       f"{tp_rank}, the model expects {tuple(param.shape)}")

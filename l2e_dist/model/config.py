@@ -26,6 +26,9 @@ class ModelConfig:
     init_method: Literal["small_init", "normal"] = "small_init"  # GPT-NeoX small_init: sqrt(2 / (5 h))
     output_layer_init_method: Literal["wang_init", "normal"] = "wang_init"  # 2 / (L sqrt(h))
     init_std: float = 0.02  # used by the "normal" init methods
+    # Compute only (not an architecture parameter): tokens per chunk of the output projection + cross entropy;
+    # the fp32 logits held at once are loss_chunk_tokens x vocab/TP (4096 x 50304 x 4 B = 0.8 GB).
+    loss_chunk_tokens: int = 4096
 
     def validate(self) -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
@@ -46,6 +49,8 @@ class ModelConfig:
             raise ConfigError("rotary_pct", f"rotary dims per head ({self.rotary_dims}) must be even")
         if self.layernorm_eps <= 0:
             raise ConfigError("layernorm_eps", "must be > 0")
+        if self.loss_chunk_tokens < 1:
+            raise ConfigError("loss_chunk_tokens", f"must be >= 1, got {self.loss_chunk_tokens}")
         if self.make_vocab_size_divisible_by < 1:
             raise ConfigError("make_vocab_size_divisible_by", "must be >= 1")
 

@@ -8,11 +8,11 @@ head 1, ...), as in GPT-NeoX and HF; a column-parallel split therefore gives eac
 The MLP exposes two `nn.Identity` probes (`pre_act_probe`, `post_act_probe`) at the neuron activation: the
 L2E engine attaches forward hooks there, so this file knows nothing of L2E (nor of DeepSpeed).
 
-At TP=1 the parameters stay in the megatron-core layers but the compute takes two shorter paths (profiled on
-CPU against transformers' GPTNeoXForCausalLM): linear layers run as one `F.linear` (a fused addmm; megatron's
-path is matmul + separate bias add through extra autograd functions), and the loss is `_CrossEntropy`
-(softmax in place over the logits, no collectives; megatron's vocab-parallel version makes five full passes
-over the logits and three all_reduces even on one rank). TP>1 uses megatron-core's layers and loss as they are.
+At TP=1 the parameters stay in the megatron-core layers but linear layers run as one `F.linear` (profiled on
+CPU against transformers' GPTNeoXForCausalLM: a fused addmm; megatron's path is matmul + separate bias add
+through extra autograd functions); TP>1 uses megatron-core's layers as they are. The output projection and the
+cross entropy run together in chunks of tokens (lm_head_loss.py: vocab-parallel, in-place softmax, gradients
+in the forward for the training mean), so the fp32 logits of a whole micro-batch never exist.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from megatron.core.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     reduce_from_tensor_model_parallel_region,
-    vocab_parallel_cross_entropy,
 )
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from l2e_dist.model.config import ModelConfig
+from l2e_dist.model.lm_head_loss import chunked_lm_head_loss
 
 
 def _linear(layer: nn.Module, x: torch.Tensor, tp_size: int) -> torch.Tensor:
@@ -42,37 +42,6 @@ def _linear(layer: nn.Module, x: torch.Tensor, tp_size: int) -> torch.Tensor:
     if tp_size == 1:
         return F.linear(x, layer.weight, layer.bias)
     return layer(x)[0]
-
-
-class _CrossEntropy(torch.autograd.Function):
-    """Per-token cross entropy of full-vocabulary fp32 logits (TP=1).
-
-    The logits are turned into the softmax in place (they are a temporary no other node saved), which is all
-    the backward needs: grad = (softmax - onehot(target)) * grad_loss, also computed in place. The loss is
-    logsumexp - x_target with logsumexp = x_max - log(p_max): the largest probability is at least 1/vocab, so
-    the log never sees an underflowed probability (two max-reductions cost less than one max with indices).
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        flat = logits.view(-1, logits.shape[-1])
-        target_col = target.reshape(-1, 1)
-        x_target = flat.gather(1, target_col).squeeze(1)
-        x_max = flat.amax(dim=-1)
-        torch.softmax(flat, dim=-1, out=flat)
-        p_max = flat.amax(dim=-1)  # softmax is monotone: the probability at the largest logit
-        loss = x_max - p_max.log() - x_target
-        ctx.save_for_backward(logits, target_col)  # the tensor itself (it now holds the softmax), not a view
-        return loss.view(target.shape)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss: torch.Tensor):
-        probs, target_col = ctx.saved_tensors
-        grad_col = grad_loss.reshape(-1, 1).to(probs.dtype)
-        grad = probs.view(-1, probs.shape[-1]).mul_(grad_col)
-        grad.scatter_add_(1, target_col, -grad_col)
-        return probs, None
 
 
 def _normal_init(std: float):
@@ -117,10 +86,18 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, rotary_dims: int, base: int):
         super().__init__()
-        self.rotary_dims = rotary_dims
-        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dims, 2, dtype=torch.int64).float() / rotary_dims))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rotary_dims, self.base = rotary_dims, base
+        self.register_buffer("inv_freq", self._inverse_frequencies(), persistent=False)
         self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def _inverse_frequencies(self, device=None) -> torch.Tensor:
+        exponents = torch.arange(0, self.rotary_dims, 2, dtype=torch.int64, device=device).float() / self.rotary_dims
+        return 1.0 / (self.base ** exponents)
+
+    def reset_buffers(self) -> None:
+        """Recompute the (non-persistent) tables after a model built on the meta device was materialised."""
+        self.inv_freq = self._inverse_frequencies(self.inv_freq.device)
+        self._cache = None
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cache is None or self._cache[0] < seq_len or self._cache[1] != device:
@@ -314,12 +291,28 @@ class GPTNeoX(nn.Module):
             gather_output=False,
         )
 
+    def materialize(self, device: torch.device) -> None:
+        """A model built under `torch.device("meta")` gets uninitialised storage on `device` (every parameter
+        must then be loaded, e.g. by checkpoint.convert.load_init_weights) and its computed buffers."""
+        self.to_empty(device=device)
+        self.rotary.reset_buffers()
+
+    def compile_layers(self) -> None:
+        """`train.compile`: torch.compile each transformer layer in place (state-dict names unchanged, so
+        checkpoints and HF conversion are unaffected; the L2E probe hooks inside run in the compiled graph)."""
+        for layer in self.layers:
+            layer.compile()
+
     def mlp_probes(self, activation: str = "post_act") -> dict[int, nn.Module]:
         """Layer index -> the identity module at the MLP neuron activation (for L2E hooks)."""
         name = {"post_act": "post_act_probe", "pre_act": "pre_act_probe"}[activation]
         return {i: getattr(layer.mlp, name) for i, layer in enumerate(self.layers)}
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "none"
+    ) -> torch.Tensor:
+        """Per-token losses [b, s] (reduction "none") or their mean (training), or without labels this rank's
+        logits shard. The loss never materialises the micro-batch's full logits (lm_head_loss.py)."""
         x = self.embed_in(tokens)
         cos, sin = self.rotary(tokens.shape[1], x.device)
         for layer in self.layers:
@@ -327,9 +320,7 @@ class GPTNeoX(nn.Module):
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)
-        logits = _linear(self.embed_out, self.final_layer_norm(x), self.tp_size)
+        hidden = self.final_layer_norm(x)
         if labels is None:
-            return logits
-        if self.tp_size == 1:
-            return _CrossEntropy.apply(logits.float(), labels)
-        return vocab_parallel_cross_entropy(logits.float(), labels)
+            return _linear(self.embed_out, hidden, self.tp_size)
+        return chunked_lm_head_loss(hidden, self.embed_out.weight, labels, self.cfg.loss_chunk_tokens, reduction)

@@ -1,7 +1,7 @@
 """Process groups: torch.distributed + megatron-core parallel_state, and the adapter DeepSpeed's `mpu=` needs.
 
-This is the only module that decides the device and backend (CUDA+NCCL when a GPU is present, else CPU+gloo),
-so the rest of the code base stays device-agnostic.
+This is the only module that decides the device and backend (`parallel.device`: auto | cuda | cpu; CUDA+NCCL or
+CPU+gloo) and sets the CUDA environment megatron-core needs, so the rest of the code base stays device-agnostic.
 """
 
 from __future__ import annotations
@@ -14,15 +14,73 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from l2e_dist.config_utils import ConfigError
 
-def default_device() -> torch.device:
+DEVICE_SETTINGS = ("auto", "cuda", "cpu")
+# Slurm variables that say the job (or step) was given GPUs (--gpus, --gpus-per-node, --gres=gpu:N, ...).
+_SLURM_GPU_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS",
+                        "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK")
+_device_setting = "auto"  # parallel.device of the run that initialised the process groups
+
+
+def slurm_requested_gpus(environ=None) -> str | None:
+    """`NAME=value` of the first Slurm variable saying this job was given GPUs, else None."""
+    environ = os.environ if environ is None else environ
+    if "SLURM_JOB_ID" not in environ:
+        return None
+    for name in _SLURM_GPU_VARIABLES:
+        value = environ.get(name, "").strip()
+        if value and value not in ("0", "N/A", "(null)"):
+            return f"{name}={value}"
+    tres = environ.get("SLURM_TRES_PER_TASK", "")
+    return f"SLURM_TRES_PER_TASK={tres}" if "gpu" in tres else None
+
+
+def select_device(setting: str | None = None) -> torch.device:
+    """This rank's device for `parallel.device` (default: the setting the process groups were built with).
+
+    auto: the LOCAL_RANK-th visible GPU if there is one, else the CPU, except in a Slurm job that asked for
+    GPUs and sees none (a broken node or container) which fails instead of training on CPU + gloo for days.
+    cuda: a GPU or a one-line error. cpu: the CPU even where GPUs are visible."""
+    setting = _device_setting if setting is None else setting
+    if setting not in DEVICE_SETTINGS:
+        raise ConfigError("parallel.device", f"must be one of {list(DEVICE_SETTINGS)}, got {setting!r}")
+    if setting == "cpu":
+        return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    build = f"torch {torch.__version__} built with CUDA {torch.version.cuda}" if torch.version.cuda else (
+        f"torch {torch.__version__} is a CPU-only build")
+    if setting == "cuda":
+        raise ConfigError("parallel.device", f"is cuda but no CUDA GPU is visible ({build}; CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): run on a GPU node or set "
+                          "parallel.device=cpu")
+    requested = slurm_requested_gpus()
+    if requested:
+        raise ConfigError("parallel.device", f"is auto and this Slurm job asked for GPUs ({requested}) but none "
+                          f"is visible ({build}): fix the node/container, or set parallel.device=cpu to run on CPU")
     return torch.device("cpu")
 
 
+def default_device() -> torch.device:
+    return select_device()
+
+
 def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if default_device().type == "cuda" else "gloo"
+
+
+def _set_cuda_environment(tensor_parallel: int) -> None:
+    """megatron-core's asynchronous TP all-reduce overlaps with the next GEMM only when kernels are queued in
+    issue order: one hardware queue (CUDA_DEVICE_MAX_CONNECTIONS=1), read when the CUDA context is created,
+    so this runs before any CUDA work (a value the user set is kept)."""
+    if tensor_parallel > 1 and "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ:
+        if torch.cuda.is_initialized():
+            import warnings
+
+            warnings.warn("CUDA was initialised before the process groups: CUDA_DEVICE_MAX_CONNECTIONS=1 comes "
+                          "too late for this process; export it in the job script", stacklevel=3)
+        os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
 
 
 @dataclass(frozen=True)
@@ -37,9 +95,17 @@ class ParallelLayout:
     dp_rank: int
 
 
-def init_process_groups(tensor_parallel: int, timeout_s: float = 600.0) -> ParallelLayout:
+def init_process_groups(tensor_parallel: int, timeout_s: float = 600.0, device: str = "auto") -> ParallelLayout:
     """Initialise torch.distributed from the environment (torchrun, deepspeed, srun or mpirun; see
-    launch_env) and megatron-core's TP/DP groups. Safe to call for a single process (world of 1)."""
+    launch_env) and megatron-core's TP/DP groups on `device` (parallel.device). Safe to call for a single
+    process (world of 1)."""
+    global _device_setting
+    select_device(device)  # a bad setting or a missing GPU fails here, before anything is started
+    _device_setting = device
+    if default_device().type == "cuda":
+        _set_cuda_environment(tensor_parallel)
+    elif torch.cuda.is_available():  # cpu on purpose on a GPU machine: DeepSpeed must not pick its CUDA accelerator
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not dist.is_initialized():
         from l2e_dist.parallel.launch_env import discover_distributed_env
 

@@ -12,7 +12,7 @@ Choices that matter for reading the figures:
   threads waiting on each other made steps ~10x slower and far noisier), sequence length at most 128 and micro
   batch at most 8 unless given. CUDA runs bf16 through the same code: DeepSpeed's bf16 mode for ours, autocast
   bf16 over fp32 weights for transformers; MFU = tokens/s x ModelConfig.flops_per_token / the device's peak
-  (the trainer's table; none for unknown devices).
+  (training/throughput.py's table, matched to the exact part; none for unknown devices).
 - Ratios: median step time of each variant (the headline), the median of the per-round paired ratios with a
   bootstrap 95% interval, and the ratio of 10th percentiles (least disturbed by other load: interference only
   adds time). Load averages before, during and after are in the report.
@@ -244,6 +244,8 @@ def _build_ours(cfg: RunConfig, device: torch.device) -> _Variant:
     gas = cfg.train.global_batch_size // cfg.train.micro_batch_size
     seed_everything(cfg.train.seed)
     model = GPTNeoX(cfg.model)
+    if cfg.train.compile:
+        model.compile_layers()
     inhibitor = None
     if cfg.l2e.method != "none":
         layers = cfg.l2e.resolve_layers(cfg.model.num_layers)
@@ -558,12 +560,12 @@ def _run(settings: BenchSettings, cfgs: dict[str, RunConfig], device: torch.devi
     loadavg_end = os.getloadavg()
     profiled = _profile(variants, batches, settings, device) if settings.profile_dir else []
 
-    from l2e_dist.training.trainer import _peak_tflops
+    from l2e_dist.training.throughput import device_peak_tflops
 
     padded = cfg.model.padded_vocab_size(1)
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
     flops_per_token = cfg.model.flops_per_token(cfg.train.seq_length, padded)
-    peak_tflops = _peak_tflops() if device.type == "cuda" else None
+    peak_tflops = device_peak_tflops(device)
     results: dict[str, dict] = {}
     for name, v in variants.items():
         wall = _quantiles(v.wall)

@@ -65,10 +65,16 @@ def effective_zero_stage(cfg: RunConfig, dp_size: int) -> int:
     flat buffers each step (+33% state memory, ~7% step time on CPU in `l2e-bench`), so they run as stage 0
     (as torchtitan skips FSDP at a shard degree of 1). Checkpoints record the stage that ran, so resuming on
     more ranks reshards as for any layout change. Mixed precision keeps its stage (its fp32 master copy is
-    needed)."""
+    needed).
+
+    bf16 at stage 0 runs as stage 1: DeepSpeed 0.19.8 accumulates bf16 gradients in fp32 (`data_types.
+    grad_accum_dtype`) only through its ZeRO optimizers (stage 1: BF16_Optimizer); its stage-0 path has no fp32
+    accumulation and rejects the setting."""
     stage = cfg.deepspeed.zero_stage
     if dp_size == 1 and stage in (1, 2) and cfg.deepspeed.precision == "fp32":
         return 0
+    if stage == 0 and cfg.deepspeed.precision == "bf16":
+        return 1
     return stage
 
 
@@ -91,6 +97,9 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
             "min_loss_scale": 1,
         },
         "bf16": {"enabled": ds.precision == "bf16"},
+        # Gradients of the 8-64 micro-batches of a step summed in fp32, not in bf16 (DeepSpeed's default is the
+        # model dtype; bf16's 8-bit mantissa loses small contributions). fp16 keeps fp16 under loss scaling.
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if ds.precision == "bf16" else {}),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -6,11 +6,9 @@ data, model, l2e, training.optim, training.metrics, checkpoint.io).
 
 from __future__ import annotations
 
-import math
 import random
 import resource
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +34,12 @@ from l2e_dist.parallel.state import (
     tensor_and_data_parallel_group,
 )
 from l2e_dist.training.metrics import MetricsLogger
+from l2e_dist.training.numerics import NonFiniteGuard, disable_deepspeed_min_scale_error, optimizer_loss_scale
 from l2e_dist.training.optim import effective_zero_stage, initialize_engine
 from l2e_dist.training.preemption import PreemptionHandler, start_watchdog
+from l2e_dist.training.prefetch import prefetch_to_device
 from l2e_dist.training.run_data import check_run_data, first_step, run_batches
-
-# Peak dense bf16/fp16 TFLOP/s per device, for the MFU estimate (None: unknown, MFU not reported).
-_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "V100": 125.0, "L4": 121.0}
+from l2e_dist.training.throughput import TrainingClock, device_peak_tflops, mfu
 
 
 @dataclass
@@ -62,13 +60,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-
-
-def _peak_tflops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
 
 
 def _prepare_data(cfg: RunConfig, layout: ParallelLayout):
@@ -104,6 +95,20 @@ def _build_inhibitor(
     probes = model.mlp_probes(cfg.l2e.activation)
     attach_l2e(inhibitor, {layer: probes[layer] for layer in layers})
     return inhibitor
+
+
+def build_model(cfg: RunConfig, layout: ParallelLayout, device: torch.device) -> GPTNeoX:
+    """This rank's model. Random init: each rank draws the full matrices from the seed and keeps its TP slice
+    (identical weights at every TP size). `train.init_from` (weights only, fresh optimizer; a checkpoint to
+    resume from overrides them): built on the meta device (no memory, no wasted init), materialised on the
+    training device and filled with this rank's shard, read lazily from an HF directory."""
+    if not cfg.train.init_from:
+        return GPTNeoX(cfg.model)
+    with torch.device("meta"):
+        model = GPTNeoX(cfg.model)
+    model.materialize(device)
+    load_init_weights(model, cfg.train.init_from, layout.tp_rank, layout.tp_size)
+    return model
 
 
 def _set_training(engine, inhibitor: L2EInhibitor | None, training: bool) -> None:
@@ -164,7 +169,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     preempt = PreemptionHandler(tuple(cfg.train.preempt_signals), check_every=cfg.train.preempt_check_every)
     if threading.current_thread() is threading.main_thread():
         preempt.install()  # first: a signal before this would kill the process without a checkpoint
-    layout = init_process_groups(cfg.parallel.tensor_parallel, cfg.parallel.dist_timeout_s)
+    layout = init_process_groups(cfg.parallel.tensor_parallel, cfg.parallel.dist_timeout_s, cfg.parallel.device)
     dp_size = validate_world(cfg, layout.world_size)
     gas = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
     device = default_device()
@@ -188,10 +193,10 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     check_run_data(cfg, datasets)  # file-order data ends; an init_from checkpoint's vocabulary
 
     seed_everything(cfg.train.seed)  # identical init on every rank and every TP size
-    model = GPTNeoX(cfg.model)
+    model = build_model(cfg, layout, device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
-    if cfg.train.init_from:  # weights only (fresh optimizer); a checkpoint to resume from overrides them
-        load_init_weights(model, cfg.train.init_from, layout.tp_rank, layout.tp_size)
+    if cfg.train.compile:
+        model.compile_layers()
     inhibitor = _build_inhibitor(cfg, model, layout, gas, device)
     engine = initialize_engine(model, cfg, dp_size)
 
@@ -199,6 +204,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     resumed_step = resume(engine, cfg, ckpt_dir, inhibitor) if cfg.train.resume else 0
+    disable_deepspeed_min_scale_error(engine)  # after resume: loading a checkpoint replaces the loss scaler
     start_step = resumed_step or first_step(cfg)  # a fresh branched run starts at train.branch_step
     snapshot_steps = set(cfg.train.snapshot_steps())
     if start_step == 0 and 0 in snapshot_steps:  # the initialization, before the first update
@@ -228,30 +234,39 @@ def pretrain(cfg: RunConfig) -> TrainResult:
 
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
     flops_per_token = cfg.model.flops_per_token(cfg.train.seq_length, model.padded_vocab_size)
-    peak = _peak_tflops()
+    peak = device_peak_tflops(device)
     dp_group = parallel_state.get_data_parallel_group()
-    batches = run_batches(cfg, datasets.train, dp_rank=layout.dp_rank, dp_size=layout.dp_size, start_step=start_step)
+    guard = NonFiniteGuard(cfg.deepspeed.precision, cfg.train.nonfinite_patience)
+    batches = prefetch_to_device(
+        run_batches(cfg, datasets.train, dp_rank=layout.dp_rank, dp_size=layout.dp_size, start_step=start_step),
+        device,
+    )
     losses: list[float] = []
     valid_metrics: dict[str, float] | None = None
     stop, requeued = False, False
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    steps_since_log, t_last = 0, time.perf_counter()
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = 0.0
+    steps_since_log, clock = 0, TrainingClock(device)
     step = start_step
     _set_training(engine, inhibitor, True)
     for step in range(start_step + 1, cfg.train.train_iters + 1):
-        micro_batches = next(batches)
+        micro_batches = next(batches)  # already on the device (prefetched one step ahead)
+        step_loss.zero_()
         for micro in micro_batches:
-            tokens = micro["tokens"].to(device)
             if inhibitor is not None:
-                inhibitor.set_features(micro["features"][:, :-1].to(device) if cfg.l2e.fkr else None)
-            lm_loss = train_micro_batch(engine, inhibitor, tokens)
-            loss_sum += lm_loss.detach().double() / gas
+                inhibitor.set_features(micro["features"][:, :-1] if cfg.l2e.fkr else None)
+            lm_loss = train_micro_batch(engine, inhibitor, micro["tokens"])
+            step_loss += lm_loss.detach().double() / gas
+        # One scalar all_reduce per step: every rank sees the same mean loss, so all stop together.
+        dist.all_reduce(step_loss, group=dp_group)
+        mean_step_loss = step_loss.item() / dp_size
+        guard.after_step(step, mean_step_loss, engine.was_step_applied(), optimizer_loss_scale(engine))
+        loss_sum += mean_step_loss
         steps_since_log += 1
 
         if step % cfg.train.log_interval == 0 or step == cfg.train.train_iters:
-            dist.all_reduce(loss_sum, group=dp_group)
-            mean_loss = (loss_sum / (dp_size * steps_since_log)).item()
-            elapsed = time.perf_counter() - t_last
+            mean_loss = loss_sum / steps_since_log
+            elapsed = clock.lap()  # training time only: eval and checkpoint writes are paused out
             tokens_per_s = tokens_per_step * steps_since_log / elapsed
             metrics = {
                 "train/loss": mean_loss,
@@ -263,8 +278,10 @@ def pretrain(cfg: RunConfig) -> TrainResult:
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
             if peak is not None:
-                metrics["train/mfu"] = tokens_per_s * flops_per_token / (peak * 1e12 * layout.world_size)
-            if torch.cuda.is_available():
+                metrics["train/mfu"] = mfu(tokens_per_s, flops_per_token, peak, layout.world_size)
+            if guard.skipped_steps:
+                metrics["train/skipped_steps"] = guard.skipped_steps
+            if device.type == "cuda":
                 metrics["train/max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             else:
                 metrics["train/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -272,29 +289,29 @@ def pretrain(cfg: RunConfig) -> TrainResult:
                 metrics.update(inhibitor.metrics())
             losses.append(mean_loss)
             logger.log(step, metrics)
-            if not math.isfinite(mean_loss) and cfg.deepspeed.precision == "fp32":
-                raise FloatingPointError(f"loss is {mean_loss} at step {step} in fp32: lower optimizer.lr")
-            loss_sum.zero_()
-            steps_since_log, t_last = 0, time.perf_counter()
+            loss_sum, steps_since_log = 0.0, 0
         logger.advance(1)
         if watchdog is not None:
             watchdog.heartbeat(step)
 
         if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.train_iters):
             _allow_slow_phase(watchdog, step, "eval")
-            valid_metrics = evaluate(
-                engine, model, inhibitor, datasets.valid, cfg, layout, device, logger, step
-            )
+            with clock.paused():
+                valid_metrics = evaluate(
+                    engine, model, inhibitor, datasets.valid, cfg, layout, device, logger, step
+                )
             logger.log(step, valid_metrics)
         # A signal during the last step changes nothing: the run finishes (exit 0) instead of stopping (75).
         stop = preempt.should_stop(step=step) and step < cfg.train.train_iters
         if step in snapshot_steps:  # before this step's resume checkpoint: a resume never skips a snapshot
             _allow_slow_phase(watchdog, step, "snapshot")
-            _snapshot(engine, inhibitor, out_dir, step, cfg, resumed=resumed_step > 0)
+            with clock.paused():
+                _snapshot(engine, inhibitor, out_dir, step, cfg, resumed=resumed_step > 0)
         if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or stop:
             if step != cfg.train.train_iters:
                 _allow_slow_phase(watchdog, step, "checkpoint")
-                _save(engine, inhibitor, ckpt_dir, step, cfg)
+                with clock.paused():
+                    _save(engine, inhibitor, ckpt_dir, step, cfg)
         if stop:
             requeued = preempt.requeue()
             if is_rank0:
@@ -330,7 +347,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
 def train_micro_batch(engine, inhibitor: L2EInhibitor | None, tokens: torch.Tensor) -> torch.Tensor:
     """Forward, LM loss + L2E regularizer, backward, engine step (DeepSpeed applies the optimizer only at the
     gradient-accumulation boundary), then the L2E statistics merge. Returns the mean LM loss."""
-    lm_loss = engine(tokens[:, :-1], tokens[:, 1:]).mean()
+    lm_loss = engine(tokens[:, :-1], tokens[:, 1:], reduction="mean")
     loss = lm_loss + inhibitor.regularization_loss() if inhibitor is not None else lm_loss
     engine.backward(loss)
     engine.step()

@@ -1,0 +1,90 @@
+"""Assemble OUT_DIR/gpu_check.json from what scripts/gpu_check.sh left in OUT_DIR: the steps' exit codes and
+times (steps.tsv), the CUDA tests' junit XML, each l2e-bench report (tokens/s, MFU, peak memory, L2E overhead)
+and the l2e-pretrain run's logged losses (finite and falling). Exit 1 when any check failed.
+
+    python scripts/gpu_check_report.py OUT_DIR MODE
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def _tests(out: Path) -> dict:
+    path = out / "cuda_tests.xml"
+    if not path.is_file():
+        return {"ran": False}
+    suite = ET.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    cases = []
+    for case in suite.iter("testcase"):
+        status = "passed"
+        for tag in ("failure", "error", "skipped"):
+            if case.find(tag) is not None:
+                status = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+        cases.append({"name": case.get("name"), "status": status, "time_s": float(case.get("time", 0))})
+    return {"ran": True, "cases": cases,
+            "counts": {s: sum(c["status"] == s for c in cases) for s in ("passed", "failed", "error", "skipped")}}
+
+
+def _bench(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    meta = report["meta"]
+    variants = {
+        name: {"tokens_per_s": v["tokens_per_s"], "mfu": v["mfu"], "step_time_s": v["step_time_s"]["median"],
+               "peak_mem_gib": (v.get("peak_mem_bytes") or 0) / 2**30 or None}
+        for name, v in report["variants"].items()
+    }
+    overhead = {key: r["of_medians"] - 1.0 for key, r in report["ratios"].items() if key in ("l2e/none", "memel/none")}
+    return {"device_name": meta["device_name"], "params": meta["params"], "precision": meta["precision"],
+            "seq_length": meta["seq_length"], "micro_batch_size": meta["micro_batch_size"],
+            "peak_tflops": meta["peak_tflops"], "variants": variants, "overhead_vs_none": overhead}
+
+
+def _pretrain(out: Path) -> dict:
+    metrics = out / "pretrain" / "metrics.jsonl"
+    if not metrics.is_file():
+        return {"ok": False, "problem": "no metrics.jsonl"}
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    losses = [float(r["train/loss"]) for r in records if "train/loss" in r]
+    finite = bool(losses) and all(math.isfinite(x) for x in losses)
+    falling = finite and len(losses) >= 2 and losses[-1] < losses[0]
+    last = records[-1] if records else {}
+    return {"ok": finite and falling, "losses": losses, "finite": finite, "falling": falling,
+            "steps": last.get("step"), "tokens_per_s": last.get("train/tokens_per_s"), "mfu": last.get("train/mfu"),
+            "max_mem_gib": last.get("train/max_mem_gib")}
+
+
+def main(out_dir: str, mode: str) -> int:
+    out = Path(out_dir)
+    steps = []
+    for line in (out / "steps.tsv").read_text().splitlines():
+        name, rc, secs = line.split("\t")
+        steps.append({"name": name, "rc": int(rc), "seconds": float(secs)})
+    report = {"mode": mode, "steps": steps, "total_seconds": sum(s["seconds"] for s in steps),
+              "cuda_tests": _tests(out),
+              "bench": {p.stem: _bench(p) for p in sorted(out.glob("bench_*.json"))},
+              "pretrain": _pretrain(out)}
+    failed = [s["name"] for s in steps if s["rc"] != 0]
+    if not report["pretrain"]["ok"]:
+        failed.append("pretrain:loss-not-finite-or-not-falling")
+    report["failed"] = failed
+    report["ok"] = not failed
+    tmp = out / "gpu_check.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out / "gpu_check.json")
+    print(f"gpu_check: {'OK' if report['ok'] else 'FAILED ' + ', '.join(failed)} in {report['total_seconds']:.0f}s; "
+          f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.log'}")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        print("usage: gpu_check_report.py OUT_DIR MODE", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(sys.argv[1], sys.argv[2]))
