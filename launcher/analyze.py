@@ -19,6 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from launcher import add_debug_flag, run_cli
+
 
 def _floats(text: str) -> list[float]:
     try:
@@ -63,44 +65,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="analysis", help="output directory (default: %(default)s)")
     parser.add_argument("--scratch-dir", help="where activation files go during the run (default: --out)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_debug_flag(parser)
     return parser
 
 
+@run_cli("l2e-analyze")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from l2e_dist.analysis.activations import ModelLoadError
     from l2e_dist.analysis.analyze import AnalysisError, AnalyzeSettings, run_analysis
-    from l2e_dist.analysis.samples import SampleError, sample_indexed, sample_jsonl
-    from l2e_dist.data.indexed import DataFileError
-    from l2e_dist.data.sources import InputError
-    from l2e_dist.data.tokenizer import TokenizerError
+    from l2e_dist.analysis.samples import sample_indexed, sample_jsonl
 
-    try:
-        if bool(args.data) == bool(args.jsonl):
-            raise AnalysisError("give the data as either --data PREFIX or --jsonl FILES (exactly one)")
-        if args.jsonl and not args.tokenizer:
-            raise AnalysisError("--jsonl needs --tokenizer (the tokenizer the models were trained with)")
-        labels = args.labels or [Path(m).resolve().name for m in args.models]
-        if len(labels) != len(args.models):
-            raise AnalysisError(f"got {len(labels)} --labels for {len(args.models)} models: give one per model")
-        seq_length = min(args.seq_length, args.max_tokens)
-        if args.data:
-            sample = sample_indexed(args.data, seq_length, args.max_tokens, args.seed)
-        else:
-            sample = sample_jsonl(args.jsonl, args.tokenizer, seq_length, args.max_tokens,
-                                  text_field=args.text_field, label_field=args.label_field or None,
-                                  eod_token=args.eod_token)
-        settings = AnalyzeSettings(
-            layers=args.layers, activation=args.activation, eps=args.eps, ratios=args.ratios,
-            reference_scores=args.reference_scores, top_neurons=args.top_neurons, batch_size=args.batch_size,
-            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=args.dtype)
-        report = run_analysis(list(zip(labels, args.models)), sample, settings, args.out,
-                              scratch_dir=args.scratch_dir, progress=not args.no_progress)
-    except (AnalysisError, ModelLoadError, SampleError, DataFileError, InputError, TokenizerError) as exc:
-        print(f"l2e-analyze: error: {exc}", file=sys.stderr)
-        return 1
+    if bool(args.data) == bool(args.jsonl):
+        raise AnalysisError("give the data as either --data PREFIX or --jsonl FILES (exactly one)")
+    if args.jsonl and not args.tokenizer:
+        raise AnalysisError("--jsonl needs --tokenizer (the tokenizer the models were trained with)")
+    labels = args.labels or [Path(m).resolve().name for m in args.models]
+    if len(labels) != len(args.models):
+        raise AnalysisError(f"got {len(labels)} --labels for {len(args.models)} models: give one per model")
+    seq_length = min(args.seq_length, args.max_tokens)
+    if args.data:
+        sample = sample_indexed(args.data, seq_length, args.max_tokens, args.seed)
+    else:
+        sample = sample_jsonl(args.jsonl, args.tokenizer, seq_length, args.max_tokens,
+                              text_field=args.text_field, label_field=args.label_field or None,
+                              eod_token=args.eod_token)
+    settings = AnalyzeSettings(
+        layers=args.layers, activation=args.activation, eps=args.eps, ratios=args.ratios,
+        reference_scores=args.reference_scores, top_neurons=args.top_neurons, batch_size=args.batch_size,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=args.dtype)
+    report = run_analysis(list(zip(labels, args.models)), sample, settings, args.out,
+                          scratch_dir=args.scratch_dir, progress=not args.no_progress)
     data = report["data"]
     print(f"{data['tokens']} tokens ({data['rows']} x {data['seq_length']}), {len(data['feature_names'])} features, "
           f"{data['unknown_tokens']} unlabelled tokens")

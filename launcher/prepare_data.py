@@ -15,10 +15,9 @@ import argparse
 import os
 import sys
 
-from l2e_dist.data.indexed import DataFileError
-from l2e_dist.data.prepare import PrepareError, PrepareOptions, prepare, train_tokenizer
+from l2e_dist.data.prepare import PrepareOptions, prepare, train_tokenizer
 from l2e_dist.data.sources import InputError, SourceSpec, expand_inputs
-from l2e_dist.data.tokenizer import TokenizerError
+from launcher import add_debug_flag, run_cli
 
 
 def _add_source_args(parser: argparse.ArgumentParser) -> None:
@@ -74,26 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vocab-size", type=int, default=32000)
     train.add_argument("--sample-docs", type=int, default=100_000, help="train on the first N documents")
     train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    for command_parser in commands.choices.values():
+        add_debug_flag(command_parser)
     return parser
 
 
+@run_cli("l2e-prepare-data")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        source = _source(args)
-        if args.command == "train-tokenizer":
-            used = train_tokenizer(source, args.output, args.vocab_size, args.sample_docs, args.text_field,
-                                   args.on_bad_record, args.model_type)
-            print(f"trained {args.output} (vocab {args.vocab_size}) on {used} documents")
-            return 0
-        summary = prepare(PrepareOptions(
-            output_prefix=args.output_prefix, tokenizer=args.tokenizer, source=source, text_field=args.text_field,
-            label_field=args.label_field or None, eod_token=args.eod_token, dtype=args.dtype,
-            on_bad_record=args.on_bad_record, chunk_docs=args.chunk_docs, workers=args.workers,
-            verify=args.verify, progress=not args.no_progress, overwrite=args.overwrite))
-    except (PrepareError, InputError, TokenizerError, DataFileError) as exc:
-        print(f"l2e-prepare-data: error: {exc}", file=sys.stderr)
-        return 1
+    source = _source(args)
+    if args.command == "train-tokenizer":
+        used = train_tokenizer(source, args.output, args.vocab_size, args.sample_docs, args.text_field,
+                               args.on_bad_record, args.model_type)
+        print(f"trained {args.output} (vocab {args.vocab_size}) on {used} documents")
+        return 0
+    summary = prepare(PrepareOptions(
+        output_prefix=args.output_prefix, tokenizer=args.tokenizer, source=source, text_field=args.text_field,
+        label_field=args.label_field or None, eod_token=args.eod_token, dtype=args.dtype,
+        on_bad_record=args.on_bad_record, chunk_docs=args.chunk_docs, workers=args.workers,
+        verify=args.verify, progress=not args.no_progress, overwrite=args.overwrite))
     line = f"{summary['prefix']}: {summary['documents']} documents, {summary['tokens']} tokens ({summary['dtype']})"
     if "seconds" in summary:
         line += (f"; tokenized {summary['new_documents']} documents in {summary['seconds']:.1f} s "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import quiet_known_warnings
+from launcher import add_debug_flag, quiet_known_warnings, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -20,29 +20,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.seed=1"
     )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
+@run_cli("l2e-pretrain")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_known_warnings()
     from l2e_dist.config import load_config
-    from l2e_dist.config_utils import ConfigError
+    from l2e_dist.errors import UserError
 
     try:
         cfg = load_config(args.config, args.set)
-    except ConfigError as exc:
-        print(f"l2e-pretrain: {exc}", file=sys.stderr)
-        return 2
-    from l2e_dist.checkpoint.io import CheckpointError
+    except UserError as exc:
+        exc.agreed = True  # every rank reads the same files: rank 0 alone reports it
+        raise
+    import torch.distributed as dist
+
     from l2e_dist.parallel.state import destroy_process_groups
     from l2e_dist.training.trainer import pretrain
 
     try:
         result = pretrain(cfg)
-    except (ConfigError, CheckpointError) as exc:  # world-size checks, unusable checkpoints
-        print(f"l2e-pretrain: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        exc.agreed = exc.agreed or not dist.is_initialized()  # before the process groups: same on every rank
+        raise
     finally:
         destroy_process_groups()
     if result.stopped_by_signal and not result.requeued:

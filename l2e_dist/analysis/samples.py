@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from l2e_dist.data.indexed import HEADER_BYTES, IndexInfo, check_index, read_labels
+from l2e_dist.errors import UserError
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """The data cannot give the requested sample (one line: what and how to fix it)."""
 
 

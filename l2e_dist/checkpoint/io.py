@@ -42,11 +42,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from l2e_dist.errors import UserError
+
 _TAG = re.compile(r"^global_step(\d+)$")
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint, or one that cannot continue this run; the message says what to change."""
 
 
