@@ -22,7 +22,10 @@ T = TypeVar("T")
 
 
 class ConfigError(UserError, ValueError):
-    """A user-facing configuration problem; `key` is the dotted path of the offending entry."""
+    """A user-facing configuration problem; `key` is the dotted path of the offending entry. Every rank reads the
+    same config, so every rank raises the same ConfigError (`agreed`: rank 0 alone reports it)."""
+
+    agreed = True
 
     def __init__(self, key: str, message: str):
         self.key = key

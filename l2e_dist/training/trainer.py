@@ -11,6 +11,7 @@ import random
 import resource
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from l2e_dist.parallel.state import (
     ParallelLayout,
     default_device,
     init_process_groups,
+    rank0_first,
+    set_collective_timeout,
     tensor_and_data_parallel_group,
 )
 from l2e_dist.training.metrics import MetricsLogger
@@ -39,6 +42,7 @@ from l2e_dist.training.optim import effective_zero_stage, initialize_engine
 from l2e_dist.training.preemption import PreemptionHandler, start_watchdog
 
 # Peak dense bf16/fp16 TFLOP/s per device, for the MFU estimate (None: unknown, MFU not reported).
+SLOW_PHASE_FACTOR = 4  # resume, eval and checkpoint phases may take this many watchdog/collective timeouts
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "V100": 125.0, "L4": 121.0}
 
 
@@ -71,14 +75,13 @@ def _peak_tflops() -> float | None:
 
 def _prepare_data(cfg: RunConfig, layout: ParallelLayout):
     """Rank 0 builds/indexes the data first (writing caches), then everybody reads it."""
-    if not cfg.data.paths and layout.rank == 0:
-        prepare_default_corpus(cfg.data.cache_dir)
-    if layout.rank == 0:
-        datasets = build_datasets(cfg.data, cfg.train.seq_length, cfg.train.seed)
-    dist.barrier()
-    if layout.rank != 0:
-        datasets = build_datasets(cfg.data, cfg.train.seq_length, cfg.train.seed)
-    return datasets
+
+    def build():
+        if not cfg.data.paths and layout.rank == 0:
+            prepare_default_corpus(cfg.data.cache_dir)
+        return build_datasets(cfg.data, cfg.train.seq_length, cfg.train.seed)
+
+    return rank0_first(build)
 
 
 def _build_inhibitor(
@@ -186,9 +189,9 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = datasets.vocab_size
     elif cfg.model.vocab_size < datasets.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {datasets.vocab_size}: "
-            "set model.vocab_size to null or at least the tokenizer vocabulary"
+        raise ConfigError(
+            "model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's {datasets.vocab_size}: "
+            "set it to null or at least the tokenizer vocabulary"
         )
 
     seed_everything(cfg.train.seed)  # identical init on every rank and every TP size
@@ -202,7 +205,10 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     watchdog = start_watchdog(cfg.parallel.watchdog_timeout_s) if cfg.parallel.watchdog_timeout_s else None
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
-    start_step = resume(engine, cfg, ckpt_dir, inhibitor) if cfg.train.resume else 0
+    start_step = 0
+    if cfg.train.resume:
+        with _slow_phase(watchdog, cfg, 0, "resume"):
+            start_step = resume(engine, cfg, ckpt_dir, inhibitor)
     is_rank0 = layout.rank == 0
     logger = MetricsLogger(
         str(out_dir),
@@ -288,17 +294,17 @@ def pretrain(cfg: RunConfig) -> TrainResult:
             watchdog.heartbeat(step)
 
         if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.train_iters):
-            _allow_slow_phase(watchdog, step, "eval")
-            valid_metrics = evaluate(
-                engine, model, inhibitor, datasets.valid, cfg, layout, device, logger, step
-            )
+            with _slow_phase(watchdog, cfg, step, "eval"):
+                valid_metrics = evaluate(
+                    engine, model, inhibitor, datasets.valid, cfg, layout, device, logger, step
+                )
             logger.log(step, valid_metrics)
         # A signal during the last step changes nothing: the run finishes (exit 0) instead of stopping (75).
         stop = preempt.should_stop(step=step) and step < cfg.train.train_iters
         if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or stop:
             if step != cfg.train.train_iters:
-                _allow_slow_phase(watchdog, step, "checkpoint")
-                _save(engine, inhibitor, ckpt_dir, step, cfg)
+                with _slow_phase(watchdog, cfg, step, "checkpoint"):
+                    _save(engine, inhibitor, ckpt_dir, step, cfg)
         if stop:
             requeued = preempt.requeue()
             if is_rank0:
@@ -310,8 +316,8 @@ def pretrain(cfg: RunConfig) -> TrainResult:
             break
 
     if step > start_step and step == cfg.train.train_iters:
-        _allow_slow_phase(watchdog, step, "checkpoint")
-        _save(engine, inhibitor, ckpt_dir, step, cfg)
+        with _slow_phase(watchdog, cfg, step, "checkpoint"):
+            _save(engine, inhibitor, ckpt_dir, step, cfg)
     if watchdog is not None:
         watchdog.stop()
     final_loss = losses[-1] if losses else float("nan")
@@ -358,10 +364,17 @@ def _rank0_requeued(requeued: bool, device) -> bool:
     return bool(flag.item())
 
 
-def _allow_slow_phase(watchdog, step: int, phase: str) -> None:
-    """Evaluation and checkpoint writes may legitimately take longer than a step: give them 4x the timeout."""
+@contextmanager
+def _slow_phase(watchdog, cfg: RunConfig, step: int, phase: str):
+    """Resume, evaluation and checkpoint writes may legitimately take longer than a step: the watchdog and the
+    collective timeout both allow SLOW_PHASE_FACTOR x theirs (the collective one stays the longer)."""
     if watchdog is not None:
-        watchdog.heartbeat(step, phase=phase, allow_s=4 * watchdog.timeout_s)
+        watchdog.heartbeat(step, phase=phase, allow_s=SLOW_PHASE_FACTOR * watchdog.timeout_s)
+    set_collective_timeout(SLOW_PHASE_FACTOR * cfg.parallel.dist_timeout_s)
+    try:
+        yield
+    finally:
+        set_collective_timeout(cfg.parallel.dist_timeout_s)
 
 
 def _save(engine, inhibitor, ckpt_dir: Path, step: int, cfg: RunConfig) -> None:
