@@ -84,6 +84,17 @@ def _prepare_data(cfg: RunConfig, layout: ParallelLayout):
     return rank0_first(build)
 
 
+def resolve_vocab_size(cfg: RunConfig, datasets) -> None:
+    """model.vocab_size from the tokenizer when null; refused when smaller than the tokenizer's."""
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = datasets.vocab_size
+    elif cfg.model.vocab_size < datasets.vocab_size:
+        raise ConfigError(
+            "model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's {datasets.vocab_size}: "
+            "set it to null or at least the tokenizer vocabulary"
+        )
+
+
 def _build_inhibitor(
     cfg: RunConfig, model: GPTNeoX, layout: ParallelLayout, gas: int, device
 ) -> L2EInhibitor | None:
@@ -186,13 +197,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
                 "--label-field, or data.labels=false): set l2e.fkr=false or prepare the data with labels"
             )
         cfg.l2e.num_features = len(datasets.feature_names)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = datasets.vocab_size
-    elif cfg.model.vocab_size < datasets.vocab_size:
-        raise ConfigError(
-            "model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's {datasets.vocab_size}: "
-            "set it to null or at least the tokenizer vocabulary"
-        )
+    resolve_vocab_size(cfg, datasets)
 
     seed_everything(cfg.train.seed)  # identical init on every rank and every TP size
     model = GPTNeoX(cfg.model)
