@@ -29,8 +29,20 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _warn_about_coverage(sample) -> None:
+    """FKR compares a neuron's own feature with the others: say so when the sample cannot support it."""
+    covered, known = sample.source["labels_covered"], len(sample.feature_names)
+    if known and covered < 2:
+        print(f"l2e-analyze: warning: the sample holds {covered} of the data's {known} features: FKR is "
+              "undefined (null); raise --max-tokens or lower --doc-window", file=sys.stderr)
+    elif covered < known:
+        print(f"l2e-analyze: warning: the sample covers {covered} of {known} features; raise --max-tokens or "
+              "lower --doc-window to cover them all", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from l2e_dist.analysis.monosemanticity import DEFAULT_EPS, DEFAULT_RATIOS
+    from l2e_dist.analysis.samples import DEFAULT_DOC_WINDOW
 
     parser = argparse.ArgumentParser(prog="l2e-analyze", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -48,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-tokens", type=int, default=16384, help="tokens analysed (default: %(default)s)")
     data.add_argument("--seq-length", type=int, default=2048, help="tokens per row (default: %(default)s)")
     data.add_argument("--seed", type=int, default=0, help="document order seed for --data (default: %(default)s)")
+    data.add_argument("--doc-window", type=int, default=DEFAULT_DOC_WINDOW,
+                      help="tokens taken per document at most, so that the sample spans many documents and "
+                           "every label (0 = whole documents; default: %(default)s)")
     parser.add_argument("--layers", default="all", help="all, mid2, mid_third or e.g. 2,3 (default: %(default)s)")
     parser.add_argument("--activation", choices=("post_act", "pre_act"), default="post_act",
                         help="MLP activation after (default) or before the GELU")
@@ -86,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         raise AnalysisError(f"got {len(labels)} --labels for {len(args.models)} models: give one per model")
     seq_length = min(args.seq_length, args.max_tokens)
     if args.data:
-        sample = sample_indexed(args.data, seq_length, args.max_tokens, args.seed)
+        sample = sample_indexed(args.data, seq_length, args.max_tokens, args.seed, doc_window=args.doc_window)
     else:
         sample = sample_jsonl(args.jsonl, args.tokenizer, seq_length, args.max_tokens,
                               text_field=args.text_field, label_field=args.label_field or None,
-                              eod_token=args.eod_token)
+                              eod_token=args.eod_token, doc_window=args.doc_window, seed=args.seed)
+    _warn_about_coverage(sample)
     settings = AnalyzeSettings(
         layers=args.layers, activation=args.activation, eps=args.eps, ratios=args.ratios,
         reference_scores=args.reference_scores, top_neurons=args.top_neurons, batch_size=args.batch_size,
