@@ -17,11 +17,16 @@ from l2e_dist.data.config import DataConfig
 from l2e_dist.l2e.config import L2EConfig
 from l2e_dist.model.config import ModelConfig
 
+# Seconds the watchdog needs after its timeout to find and name the silent rank (store probe, grace period).
+WATCHDOG_REPORT_S = 30.0
+
 
 @dataclass
 class ParallelConfig:
     tensor_parallel: int = 1
-    dist_timeout_s: float = 600.0  # a rank waiting longer than this on a collective fails the job
+    # A rank waiting longer than this on a collective fails the job. Longer than the watchdog's timeout (plus
+    # the time it takes to report), so that a hang is ended by the watchdog, which names the silent rank.
+    dist_timeout_s: float = 1200.0
     # A rank whose training loop shows no progress for this long exits non-zero, naming the silent peer
     # (a dead or hung rank otherwise leaves the others blocked). 0 disables the watchdog.
     watchdog_timeout_s: float = 900.0
@@ -36,6 +41,13 @@ class ParallelConfig:
             raise ConfigError("dist_timeout_s", "must be > 0")
         if self.watchdog_timeout_s < 0:
             raise ConfigError("watchdog_timeout_s", "must be >= 0 (0 disables the watchdog)")
+        if self.watchdog_timeout_s and self.dist_timeout_s < self.watchdog_timeout_s + WATCHDOG_REPORT_S:
+            raise ConfigError(
+                "dist_timeout_s",
+                f"{self.dist_timeout_s:g} s must be at least watchdog_timeout_s + {WATCHDOG_REPORT_S:g} s "
+                f"({self.watchdog_timeout_s + WATCHDOG_REPORT_S:g}) so that the watchdog fires first and names "
+                "the silent rank: raise it or lower parallel.watchdog_timeout_s",
+            )
 
 
 @dataclass

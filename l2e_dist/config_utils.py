@@ -16,11 +16,16 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from l2e_dist.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A user-facing configuration problem; `key` is the dotted path of the offending entry."""
+class ConfigError(UserError, ValueError):
+    """A user-facing configuration problem; `key` is the dotted path of the offending entry. Every rank reads the
+    same config, so every rank raises the same ConfigError (`agreed`: rank 0 alone reports it)."""
+
+    agreed = True
 
     def __init__(self, key: str, message: str):
         self.key = key
@@ -153,13 +158,21 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError("", f"cannot parse YAML in {path}: {exc}") from None
+        raise ConfigError("", f"cannot parse YAML in {path}{_yaml_position(exc)}: fix the syntax there") from None
     if not isinstance(data, dict):
         raise ConfigError("", f"{path} must contain a mapping at the top level")
     merged: dict = {}
     for inc in data.pop("include", None) or []:
         merged = deep_merge(merged, load_yaml(path.parent / inc))
     return deep_merge(merged, data)
+
+
+def _yaml_position(exc: yaml.YAMLError) -> str:
+    """' at line L, column C (problem)' from a PyYAML error, whose own text spans several lines."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None)
+    return f"{where} ({problem})" if problem else where
 
 
 def apply_override(data: dict, assignment: str) -> dict:

@@ -21,6 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from launcher import add_debug_flag, run_cli
+
 
 def _floats(text: str) -> list[float]:
     try:
@@ -29,8 +31,20 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _warn_about_coverage(sample) -> None:
+    """FKR compares a neuron's own feature with the others: say so when the sample cannot support it."""
+    covered, known = sample.source["labels_covered"], len(sample.feature_names)
+    if known and covered < 2:
+        print(f"l2e-analyze: warning: the sample holds {covered} of the data's {known} features: FKR is "
+              "undefined (null); raise --max-tokens or lower --doc-window", file=sys.stderr)
+    elif covered < known:
+        print(f"l2e-analyze: warning: the sample covers {covered} of {known} features; raise --max-tokens or "
+              "lower --doc-window to cover them all", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from l2e_dist.analysis.monosemanticity import DEFAULT_EPS, DEFAULT_RATIOS
+    from l2e_dist.analysis.samples import DEFAULT_DOC_WINDOW
 
     parser = argparse.ArgumentParser(prog="l2e-analyze", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -48,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-tokens", type=int, default=16384, help="tokens analysed (default: %(default)s)")
     data.add_argument("--seq-length", type=int, default=2048, help="tokens per row (default: %(default)s)")
     data.add_argument("--seed", type=int, default=0, help="document order seed for --data (default: %(default)s)")
+    data.add_argument("--doc-window", type=int, default=DEFAULT_DOC_WINDOW,
+                      help="tokens taken per document at most, so that the sample spans many documents and "
+                           "every label (0 = whole documents; default: %(default)s)")
     parser.add_argument("--layers", default="all", help="all, mid2, mid_third or e.g. 2,3 (default: %(default)s)")
     parser.add_argument("--activation", choices=("post_act", "pre_act"), default="post_act",
                         help="MLP activation after (default) or before the GELU")
@@ -65,49 +82,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="analysis", help="output directory (default: %(default)s)")
     parser.add_argument("--scratch-dir", help="where activation files go during the run (default: --out)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_debug_flag(parser)
     return parser
 
 
+@run_cli("l2e-analyze")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from l2e_dist.analysis.activations import ModelLoadError
     from l2e_dist.analysis.analyze import AnalysisError, AnalyzeSettings, run_analysis
-    from l2e_dist.analysis.samples import SampleError, sample_indexed, sample_jsonl
+    from l2e_dist.analysis.samples import sample_indexed, sample_jsonl
     from l2e_dist.checkpoint.snapshots import run_snapshots
-    from l2e_dist.data.indexed import DataFileError
-    from l2e_dist.data.sources import InputError
-    from l2e_dist.data.tokenizer import TokenizerError
 
-    try:
-        if bool(args.data) == bool(args.jsonl):
-            raise AnalysisError("give the data as either --data PREFIX or --jsonl FILES (exactly one)")
-        if args.jsonl and not args.tokenizer:
-            raise AnalysisError("--jsonl needs --tokenizer (the tokenizer the models were trained with)")
-        labels = args.labels or [Path(m).resolve().name for m in args.models]
-        if len(labels) != len(args.models):
-            raise AnalysisError(f"got {len(labels)} --labels for {len(args.models)} models: give one per model")
-        models = []
-        for label, model in zip(labels, args.models):
-            snapshots = run_snapshots(model)
-            models += [(f"{label}/step{step}", str(path)) for step, path in snapshots] or [(label, model)]
-        seq_length = min(args.seq_length, args.max_tokens)
-        if args.data:
-            sample = sample_indexed(args.data, seq_length, args.max_tokens, args.seed)
-        else:
-            sample = sample_jsonl(args.jsonl, args.tokenizer, seq_length, args.max_tokens,
-                                  text_field=args.text_field, label_field=args.label_field or None,
-                                  eod_token=args.eod_token)
-        settings = AnalyzeSettings(
-            layers=args.layers, activation=args.activation, eps=args.eps, ratios=args.ratios,
-            reference_scores=args.reference_scores, top_neurons=args.top_neurons, batch_size=args.batch_size,
-            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=args.dtype)
-        report = run_analysis(models, sample, settings, args.out,
-                              scratch_dir=args.scratch_dir, progress=not args.no_progress)
-    except (AnalysisError, ModelLoadError, SampleError, DataFileError, InputError, TokenizerError) as exc:
-        print(f"l2e-analyze: error: {exc}", file=sys.stderr)
-        return 1
+    if bool(args.data) == bool(args.jsonl):
+        raise AnalysisError("give the data as either --data PREFIX or --jsonl FILES (exactly one)")
+    if args.jsonl and not args.tokenizer:
+        raise AnalysisError("--jsonl needs --tokenizer (the tokenizer the models were trained with)")
+    labels = args.labels or [Path(m).resolve().name for m in args.models]
+    if len(labels) != len(args.models):
+        raise AnalysisError(f"got {len(labels)} --labels for {len(args.models)} models: give one per model")
+    models = []
+    for label, model in zip(labels, args.models):  # a run directory stands for its snapshots, in step order
+        snapshots = run_snapshots(model)
+        models += [(f"{label}/step{step}", str(path)) for step, path in snapshots] or [(label, model)]
+    seq_length = min(args.seq_length, args.max_tokens)
+    if args.data:
+        sample = sample_indexed(args.data, seq_length, args.max_tokens, args.seed, doc_window=args.doc_window)
+    else:
+        sample = sample_jsonl(args.jsonl, args.tokenizer, seq_length, args.max_tokens,
+                              text_field=args.text_field, label_field=args.label_field or None,
+                              eod_token=args.eod_token, doc_window=args.doc_window, seed=args.seed)
+    _warn_about_coverage(sample)
+    settings = AnalyzeSettings(
+        layers=args.layers, activation=args.activation, eps=args.eps, ratios=args.ratios,
+        reference_scores=args.reference_scores, top_neurons=args.top_neurons, batch_size=args.batch_size,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=args.dtype)
+    report = run_analysis(models, sample, settings, args.out,
+                          scratch_dir=args.scratch_dir, progress=not args.no_progress)
     data = report["data"]
     print(f"{data['tokens']} tokens ({data['rows']} x {data['seq_length']}), {len(data['feature_names'])} features, "
           f"{data['unknown_tokens']} unlabelled tokens")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import quiet_known_warnings
+from launcher import add_debug_flag, quiet_known_warnings, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,13 +41,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="DIR", help="also write torch.profiler tables/traces per variant")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--out", default="bench_train.json", help="JSON report (default: %(default)s)")
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
+@run_cli("l2e-bench")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_known_warnings()
-    from l2e_dist.config_utils import ConfigError
     from l2e_dist.training.bench import BenchSettings, format_table, run_benchmark, write_report
 
     settings = BenchSettings(
@@ -65,11 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         profile_dir=args.profile,
         profile_steps=args.profile_steps,
     )
-    try:
-        report = run_benchmark(settings, progress=lambda message: print(f"l2e-bench: {message}", flush=True))
-    except ConfigError as exc:
-        print(f"l2e-bench: {exc}", file=sys.stderr)
-        return 2
+    report = run_benchmark(settings, progress=lambda message: print(f"l2e-bench: {message}", flush=True))
     write_report(report, args.out)
     print(format_table(report))
     print(f"wrote {args.out}")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from launcher import add_debug_flag, run_cli
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="l2e-convert", description=__doc__.split("\n")[0])
@@ -28,30 +30,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from_hf.add_argument("hf_dir", help="directory with config.json and model.safetensors (or pytorch_model.bin)")
     from_hf.add_argument("out", help="output checkpoint directory (must not exist or be empty)")
     from_hf.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the written shards")
+    for command_parser in sub.choices.values():
+        add_debug_flag(command_parser)
     return parser.parse_args(argv)
 
 
+@run_cli("l2e-convert")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from l2e_dist.checkpoint.convert import export_hf, import_hf
-    from l2e_dist.checkpoint.ds_files import CheckpointFormatError
     from l2e_dist.checkpoint.io import CheckpointError
     from l2e_dist.checkpoint.snapshots import export_snapshots_hf
 
-    try:
-        if args.command == "to-hf" and args.all:
-            written, skipped = export_snapshots_hf(args.checkpoint, args.out, int(args.max_shard_gib * 2**30))
-            print(f"l2e-convert: {len(written)} snapshots exported, {len(skipped)} already in {args.out}")
-            return 0
-        if args.command == "to-hf":
-            out = export_hf(args.checkpoint, args.out, max_shard_bytes=int(args.max_shard_gib * 2**30))
-        else:
-            if args.tp < 1:
-                raise CheckpointError(f"--tp must be >= 1, got {args.tp}")
-            out = import_hf(args.hf_dir, args.out, tp=args.tp)
-    except (CheckpointError, CheckpointFormatError) as exc:
-        print(f"l2e-convert: {exc}", file=sys.stderr)
-        return 2
+    if args.command == "to-hf" and args.all:
+        written, skipped = export_snapshots_hf(args.checkpoint, args.out, int(args.max_shard_gib * 2**30))
+        print(f"l2e-convert: {len(written)} snapshots exported, {len(skipped)} already in {args.out}")
+        return 0
+    if args.command == "to-hf":
+        out = export_hf(args.checkpoint, args.out, max_shard_bytes=int(args.max_shard_gib * 2**30))
+    else:
+        if args.tp < 1:
+            raise CheckpointError(f"--tp must be >= 1, got {args.tp}")
+        out = import_hf(args.hf_dir, args.out, tp=args.tp)
     print(f"l2e-convert: wrote {out}")
     return 0
 

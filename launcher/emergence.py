@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from launcher import add_debug_flag, run_cli
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -21,20 +23,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML sweep config (configs/emergence/*.yaml); defaults if omitted")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override one config entry, e.g. --set time_axis.steps=4000 (repeatable)")
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
+@run_cli("l2e-emergence")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from l2e_dist.config_utils import ConfigError
     from l2e_dist.emergence.config import load_config
     from l2e_dist.emergence.sweep import format_emergence_table, run_sweep
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"l2e-emergence: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     summary = run_sweep(cfg)
     print(format_emergence_table(summary))
     for axis, data in summary["axes"].items():

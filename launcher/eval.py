@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from launcher import add_debug_flag, run_cli
+
 
 def _limit(text: str) -> float:
     value = float(text)
@@ -37,24 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1234, help="harness seeds (default: %(default)s)")
     parser.add_argument("--tokenizer", help="tokenizer directory when it is not in the model directory")
     parser.add_argument("--log-samples", action="store_true", help="store per-document results in the JSON")
+    add_debug_flag(parser)
     return parser
 
 
+@run_cli("l2e-eval")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from l2e_dist.analysis.evaluate import EvalError, EvalSettings, evaluate, write_results
+    from l2e_dist.analysis.evaluate import EvalSettings, evaluate, write_results
 
     settings = EvalSettings(tasks=args.tasks, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
                             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                             dtype=args.dtype, limit=args.limit, seed=args.seed, tokenizer=args.tokenizer,
                             log_samples=args.log_samples)
-    try:
-        results = evaluate(args.model, settings)
-    except EvalError as exc:
-        print(f"l2e-eval: error: {exc}", file=sys.stderr)
-        return 1
+    results = evaluate(args.model, settings)
     record = write_results(results, args.model, settings, args.out)
     for task, metrics in record["summary"].items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)

@@ -20,6 +20,8 @@ import argparse
 import logging
 import sys
 
+from launcher import add_debug_flag, run_cli
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -70,50 +72,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--with-partition", action="store_true", help="also store radii and ln Z_q(r) per sample"
     )
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
+@run_cli("l2e-neuromfa")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from l2e_dist.analysis.neuromfa import NeuroMFASettings, checkpoint_steps, write_report
     from l2e_dist.analysis.neuromfa_network import NeuroMFAError
-    from l2e_dist.config_utils import ConfigError, build
+    from l2e_dist.config_utils import build
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        settings = build(
-            NeuroMFASettings,
-            {
-                "distance": args.distance,
-                "num_samples": args.samples,
-                "seed": args.seed,
-                "hidden_per_layer": args.hidden_per_layer,
-                "intermediate_per_layer": args.intermediate_per_layer,
-                "q_min": args.q_min,
-                "q_max": args.q_max,
-                "q_step": args.q_step,
-                "min_distance": args.min_distance,
-                "max_distance": args.max_distance,
-                "min_neighbours": args.min_neighbours,
-            },
+    settings = build(
+        NeuroMFASettings,
+        {
+            "distance": args.distance,
+            "num_samples": args.samples,
+            "seed": args.seed,
+            "hidden_per_layer": args.hidden_per_layer,
+            "intermediate_per_layer": args.intermediate_per_layer,
+            "q_min": args.q_min,
+            "q_max": args.q_max,
+            "q_step": args.q_step,
+            "min_distance": args.min_distance,
+            "max_distance": args.max_distance,
+            "min_neighbours": args.min_neighbours,
+        },
+    )
+    if args.steps and not args.checkpoints:
+        raise NeuroMFAError(
+            "--steps applies to positional checkpoints; --run paths need steps in their names"
         )
-        if args.steps and not args.checkpoints:
+    runs = []
+    if args.checkpoints:
+        runs.append((args.label, checkpoint_steps(args.checkpoints, args.steps)))
+    for label, *paths in args.run:
+        if not paths:
             raise NeuroMFAError(
-                "--steps applies to positional checkpoints; --run paths need steps in their names"
+                f"--run {label} has no checkpoints; use --run LABEL CHECKPOINT [CHECKPOINT ...]"
             )
-        runs = []
-        if args.checkpoints:
-            runs.append((args.label, checkpoint_steps(args.checkpoints, args.steps)))
-        for label, *paths in args.run:
-            if not paths:
-                raise NeuroMFAError(
-                    f"--run {label} has no checkpoints; use --run LABEL CHECKPOINT [CHECKPOINT ...]"
-                )
-            runs.append((label, checkpoint_steps(paths)))
-        write_report(runs, settings, args.out, args.from_json, args.with_partition)
-    except (ConfigError, NeuroMFAError) as exc:
-        print(f"l2e-neuromfa: error: {exc}", file=sys.stderr)
-        return 2
+        runs.append((label, checkpoint_steps(paths)))
+    write_report(runs, settings, args.out, args.from_json, args.with_partition)
     print(f"wrote {args.out}/neuromfa.json, spectra.png, metrics.png")
     return 0
 

@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from launcher import add_debug_flag, run_cli
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="l2e-plot", description=__doc__.split("\n")[0],
@@ -25,24 +27,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smooth", type=float, default=0.0,
                         help="TensorBoard-style EMA weight in [0, 1) for the curves (default: %(default)s)")
     parser.add_argument("--title", help="figure title")
+    add_debug_flag(parser)
     return parser
 
 
+@run_cli("l2e-plot")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from l2e_dist.analysis.plots import plot_runs, save_png
     from l2e_dist.analysis.runlogs import RunLogError, load_scalars
 
-    try:
-        if not 0.0 <= args.smooth < 1.0:
-            raise RunLogError(f"--smooth must be in [0, 1), got {args.smooth}")
-        labels = args.labels or [Path(r).resolve().name for r in args.runs]
-        if len(labels) != len(args.runs) or len(set(labels)) != len(labels):
-            raise RunLogError(f"give one unique --labels entry per run (got {labels} for {len(args.runs)} runs)")
-        runs = {label: load_scalars(run) for label, run in zip(labels, args.runs)}
-    except RunLogError as exc:
-        print(f"l2e-plot: error: {exc}", file=sys.stderr)
-        return 1
+    if not 0.0 <= args.smooth < 1.0:
+        raise RunLogError(f"--smooth must be in [0, 1), got {args.smooth}")
+    labels = args.labels or [Path(r).resolve().name for r in args.runs]
+    if len(labels) != len(args.runs) or len(set(labels)) != len(labels):
+        raise RunLogError(f"give one unique --labels entry per run (got {labels} for {len(args.runs)} runs)")
+    runs = {label: load_scalars(run) for label, run in zip(labels, args.runs)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_png(plot_runs(runs, smooth=args.smooth, title=args.title), out)

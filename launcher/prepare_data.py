@@ -21,10 +21,9 @@ import argparse
 import os
 import sys
 
-from l2e_dist.data.indexed import DataFileError
-from l2e_dist.data.prepare import PrepareError, PrepareOptions, prepare, train_tokenizer
+from l2e_dist.data.prepare import PrepareOptions, prepare, train_tokenizer
 from l2e_dist.data.sources import InputError, SourceSpec, expand_inputs
-from l2e_dist.data.tokenizer import TokenizerError
+from launcher import add_debug_flag, run_cli
 
 
 def _add_source_args(parser: argparse.ArgumentParser) -> None:
@@ -87,32 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--split", choices=["train", "valid", "test"], default="train")
     batch.add_argument("--out", help="write an int64 .npy [global_batch_size, seq_length + 1] here (atomically) "
                                      "instead of printing one sample per line")
+    for command_parser in commands.choices.values():
+        add_debug_flag(command_parser)
     return parser
 
 
 def show_batch(args: argparse.Namespace) -> int:
     """`batch`: build the run's datasets exactly as the trainer does and print or save one global batch."""
     from l2e_dist.config import load_config
-    from l2e_dist.config_utils import ConfigError
     from l2e_dist.data.indexed import atomic_save_npy
+    from l2e_dist.errors import UserError
     from launcher import quiet_known_warnings
 
     quiet_known_warnings()
     from l2e_dist.training.run_data import global_batch_tokens
 
-    try:
-        cfg = load_config(args.config, args.set)
-        tokens = global_batch_tokens(cfg, args.step, args.split)
-    except (ConfigError, DataFileError, TokenizerError) as exc:
-        print(f"l2e-prepare-data: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.set)
+    tokens = global_batch_tokens(cfg, args.step, args.split)
     if args.out:
         out = args.out if args.out.endswith(".npy") else args.out + ".npy"
-        try:
-            atomic_save_npy(out, tokens)
-        except OSError as exc:
-            print(f"l2e-prepare-data: error: cannot write --out {out}: {exc.strerror}", file=sys.stderr)
-            return 2
+        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise UserError(f"--out {out}: its directory does not exist: create it or choose another path")
+        atomic_save_npy(out, tokens)
         print(f"{out}: {args.split} global batch of step {args.step}, {tokens.shape[0]} samples x "
               f"{tokens.shape[1]} tokens")
     else:
@@ -121,25 +116,22 @@ def show_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+@run_cli("l2e-prepare-data")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "batch":
         return show_batch(args)
-    try:
-        source = _source(args)
-        if args.command == "train-tokenizer":
-            used = train_tokenizer(source, args.output, args.vocab_size, args.sample_docs, args.text_field,
-                                   args.on_bad_record, args.model_type)
-            print(f"trained {args.output} (vocab {args.vocab_size}) on {used} documents")
-            return 0
-        summary = prepare(PrepareOptions(
-            output_prefix=args.output_prefix, tokenizer=args.tokenizer, source=source, text_field=args.text_field,
-            label_field=args.label_field or None, eod_token=args.eod_token, dtype=args.dtype,
-            on_bad_record=args.on_bad_record, chunk_docs=args.chunk_docs, workers=args.workers,
-            verify=args.verify, progress=not args.no_progress, overwrite=args.overwrite))
-    except (PrepareError, InputError, TokenizerError, DataFileError) as exc:
-        print(f"l2e-prepare-data: error: {exc}", file=sys.stderr)
-        return 1
+    source = _source(args)
+    if args.command == "train-tokenizer":
+        used = train_tokenizer(source, args.output, args.vocab_size, args.sample_docs, args.text_field,
+                               args.on_bad_record, args.model_type)
+        print(f"trained {args.output} (vocab {args.vocab_size}) on {used} documents")
+        return 0
+    summary = prepare(PrepareOptions(
+        output_prefix=args.output_prefix, tokenizer=args.tokenizer, source=source, text_field=args.text_field,
+        label_field=args.label_field or None, eod_token=args.eod_token, dtype=args.dtype,
+        on_bad_record=args.on_bad_record, chunk_docs=args.chunk_docs, workers=args.workers,
+        verify=args.verify, progress=not args.no_progress, overwrite=args.overwrite))
     line = f"{summary['prefix']}: {summary['documents']} documents, {summary['tokens']} tokens ({summary['dtype']})"
     if "seconds" in summary:
         line += (f"; tokenized {summary['new_documents']} documents in {summary['seconds']:.1f} s "

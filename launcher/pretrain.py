@@ -1,6 +1,7 @@
 """`l2e-pretrain`: pretrain a Pythia-style model (optionally with L2E) from YAML configs.
 
     l2e-pretrain --config configs/tiny.yaml --config configs/l2e/l2e.yaml --set optimizer.lr=3e-4
+    l2e-pretrain --config configs/pythia-1b.yaml --dry-run --gpu-mem-gib 80     # checks + memory, no training
 
 Launch with torchrun, the deepspeed launcher, srun or mpirun; ranks are discovered from the environment.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import quiet_known_warnings
+from launcher import add_debug_flag, quiet_known_warnings, report_user_error, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -19,33 +20,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.seed=1"
     )
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="check config, data, tokenizer, world and layout, print the memory estimate per rank, do not train",
+    )
+    parser.add_argument(
+        "--gpu-mem-gib", type=float, default=None, metavar="GIB",
+        help="with --dry-run: fail (exit 2) when the estimate per rank exceeds this device memory",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    return parser.parse_args(argv)
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    if args.gpu_mem_gib is not None and not args.dry_run:
+        parser.error("--gpu-mem-gib needs --dry-run")
+    return args
 
 
+@run_cli("l2e-pretrain")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_known_warnings()
     from l2e_dist.config import load_config
-    from l2e_dist.config_utils import ConfigError
+    from l2e_dist.errors import UserError, debug_requested
 
     try:
         cfg = load_config(args.config, args.set)
-    except ConfigError as exc:
-        print(f"l2e-pretrain: {exc}", file=sys.stderr)
-        return 2
-    from l2e_dist.checkpoint.io import CheckpointError
+    except UserError as exc:
+        exc.agreed = True  # every rank reads the same files: rank 0 alone reports it
+        raise
+    import torch.distributed as dist
+
     from l2e_dist.parallel.state import destroy_process_groups
+    from l2e_dist.training.dry_run import dry_run
     from l2e_dist.training.numerics import TrainingDiverged
     from l2e_dist.training.trainer import pretrain
 
     try:
+        if args.dry_run:
+            dry_run(cfg, args.gpu_mem_gib)
+            return 0
         result = pretrain(cfg)
-    except (ConfigError, CheckpointError) as exc:  # world-size checks, unusable checkpoints, no GPU
-        print(f"l2e-pretrain: {exc}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as exc:  # the loss stayed non-finite: one line, exit 1
-        print(f"l2e-pretrain: {exc}", file=sys.stderr)
+    except UserError as exc:
+        exc.agreed = exc.agreed or not dist.is_initialized()  # before the process groups: same on every rank
+        raise
+    except TrainingDiverged as exc:  # the loss stayed non-finite (all-reduced: every rank agrees): exit 1
+        if debug_requested() or args.debug:
+            raise
+        report_user_error("l2e-pretrain", str(exc))
         return 1
     finally:
         destroy_process_groups()

@@ -149,18 +149,23 @@ def _write_labelled_dataset(prefix: str, seed: int = 0) -> tuple[list[np.ndarray
     return docs, labels
 
 
-def test_sample_indexed_packs_shuffled_documents_with_labels(tmp_path):
+def test_sample_indexed_packs_stratified_documents_with_labels(tmp_path):
     from l2e_dist.analysis.samples import sample_indexed
 
     prefix = str(tmp_path / "docs")
     docs, labels = _write_labelled_dataset(prefix)
-    sample = sample_indexed(prefix, seq_length=16, max_tokens=200, seed=3)
+    sample = sample_indexed(prefix, seq_length=16, max_tokens=200, seed=3, doc_window=0)
+    # Reference: each label's documents in the order of one seeded permutation, the labels taking turns
+    # (0, 1, 2, then unknown), whole documents packed until 12 rows of 16 are full.
     order = np.random.default_rng(3).permutation(len(docs))
-    stream = np.concatenate([docs[d] for d in order])[:192]
-    stream_labels = np.concatenate([np.full(docs[d].size, labels[d]) for d in order])[:192]
+    by_label = {label: [d for d in order if labels[d] == label] for label in (0, 1, 2, -1)}
+    turns = [by_label[label][i] for i in range(len(docs)) for label in (0, 1, 2, -1) if i < len(by_label[label])]
+    stream = np.concatenate([docs[d] for d in turns])[:192]
+    stream_labels = np.concatenate([np.full(docs[d].size, labels[d]) for d in turns])[:192]
     assert sample.tokens.shape == (12, 16) and sample.feature_names == FEATURES
     np.testing.assert_array_equal(sample.tokens.ravel(), stream)
     np.testing.assert_array_equal(sample.features.ravel(), stream_labels)
+    assert sample.source["labels_covered"] == 3
 
 
 def test_sample_jsonl_tokenizes_pile_records_in_order(tmp_path):
@@ -182,7 +187,7 @@ def test_sample_jsonl_tokenizes_pile_records_in_order(tmp_path):
     bpe.save(str(tmp_path / "tokenizer.json"))
 
     sample = sample_jsonl([str(tmp_path / "pile.jsonl")], str(tmp_path / "tokenizer.json"), seq_length=8,
-                          max_tokens=100)
+                          max_tokens=100, doc_window=0)
     tokenizer = TextTokenizer(str(tmp_path / "tokenizer.json"))
     names = ["ArXiv", "Github", "Wikipedia (en)"]
     ids = tokenizer.encode_batch([r["text"] for r in records])
@@ -289,10 +294,10 @@ def test_analyze_cli_on_hf_dir_and_training_checkpoint(tmp_path, capsys):
 def test_analyze_errors_are_one_line(tmp_path, capsys):
     from launcher.analyze import main
 
-    assert main([str(tmp_path), "--data", str(tmp_path / "missing")]) == 1
+    assert main([str(tmp_path), "--data", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "missing.idx not found" in err and len(err.strip().splitlines()) == 1
     prefix = str(tmp_path / "docs")
     _write_labelled_dataset(prefix)
-    assert main([str(tmp_path / "nope"), "--data", prefix, "--seq-length", "16", "--max-tokens", "64"]) == 1
+    assert main([str(tmp_path / "nope"), "--data", prefix, "--seq-length", "16", "--max-tokens", "64"]) == 2
     assert "model not found" in capsys.readouterr().err

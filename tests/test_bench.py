@@ -102,4 +102,4 @@ def test_cli_reports_config_errors_in_one_line(capsys):
 
     assert main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--set", "model.hidden_size=0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("l2e-bench: config error at 'model.hidden_size'") and "\n" not in err
+    assert err.startswith("l2e-bench: error: config error at 'model.hidden_size'") and "\n" not in err

@@ -80,7 +80,7 @@ def test_cli_exit_code_and_single_line():
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("l2e-pretrain: config error at 'l2e.inhibit_ratio'")
+    assert proc.stderr.strip().splitlines()[-1].startswith("l2e-pretrain: error: config error at 'l2e.inhibit_ratio'")
 
 
 def test_fkr_without_feature_labels_names_the_key(tmp_path, data_cache):
@@ -94,4 +94,4 @@ def test_fkr_without_feature_labels_names_the_key(tmp_path, data_cache):
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("l2e-pretrain: config error at 'l2e.fkr'") and "set l2e.fkr=false" in last, last
+    assert last.startswith("l2e-pretrain: error: config error at 'l2e.fkr'") and "set l2e.fkr=false" in last, last

@@ -211,11 +211,11 @@ def test_bad_records_fail_with_location_or_are_skipped_and_counted(pile, tmp_pat
 
 def test_cli_errors_are_one_clear_line(pile, tmp_path, capsys):
     base = ["tokenize", "--input", pile["files"][0], "--output-prefix", str(tmp_path / "o"), "--no-progress"]
-    assert main([*base, "--tokenizer", str(tmp_path / "missing.json")]) == 1
+    assert main([*base, "--tokenizer", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("l2e-prepare-data: error: tokenizer file not found") and "\n" not in err
     assert main(["tokenize", "--input", str(tmp_path / "nope.jsonl"), "--tokenizer", pile["tokenizer"],
-                 "--output-prefix", str(tmp_path / "o")]) == 1
+                 "--output-prefix", str(tmp_path / "o")]) == 2
     assert "input not found" in capsys.readouterr().err
     corrupt = tmp_path / "corrupt.jsonl.zst"
     corrupt.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "a"}\n' * 1000)[:-20])
@@ -223,7 +223,7 @@ def test_cli_errors_are_one_clear_line(pile, tmp_path, capsys):
         run_prepare(pile, tmp_path / "z", source=SourceSpec(files=[str(corrupt)]))
     assert main([*base, "--tokenizer", pile["tokenizer"]]) == 0
     assert "documents" in capsys.readouterr().out
-    assert main([*base, "--tokenizer", pile["tokenizer"], "--chunk-docs", "7"]) == 1  # other settings
+    assert main([*base, "--tokenizer", pile["tokenizer"], "--chunk-docs", "7"]) == 2  # other settings
     assert "--overwrite" in capsys.readouterr().err
 
 

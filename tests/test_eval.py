@@ -98,12 +98,12 @@ def test_lm_eval_offline_local_task_matches_direct_loglikelihoods(tmp_path):
 def test_eval_errors_are_one_line(tmp_path, capsys):
     from launcher.eval import main
 
-    assert main([str(tmp_path), "--tasks", "l2e_tiny_mc"]) == 1
+    assert main([str(tmp_path), "--tasks", "l2e_tiny_mc"]) == 2
     assert "not an HF model directory" in capsys.readouterr().err
     (tmp_path / "config.json").write_text("{}")
-    assert main([str(tmp_path), "--tasks", "l2e_tiny_mc"]) == 1
+    assert main([str(tmp_path), "--tasks", "l2e_tiny_mc"]) == 2
     assert "no tokenizer" in capsys.readouterr().err
     (tmp_path / "tokenizer.json").write_text("{}")
-    assert main([str(tmp_path), "--tasks", str(tmp_path / "missing.yaml")]) == 1
+    assert main([str(tmp_path), "--tasks", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err
     assert "task file not found" in err and len(err.strip().splitlines()) == 1

@@ -102,9 +102,9 @@ def test_ema_matches_tensorboard_formula():
 def test_plot_errors_are_one_line(tmp_path, capsys):
     from launcher.plot import main
 
-    assert main([str(tmp_path)]) == 1
+    assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no TensorBoard event files or metrics.jsonl" in err and len(err.strip().splitlines()) == 1
-    assert main([str(tmp_path), "--smooth", "1.5"]) == 1
+    assert main([str(tmp_path), "--smooth", "1.5"]) == 2
     assert "--smooth" in capsys.readouterr().err
 

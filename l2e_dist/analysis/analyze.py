@@ -33,13 +33,14 @@ from l2e_dist.analysis.activations import load_gptneox, record_activations
 from l2e_dist.analysis.monosemanticity import DEFAULT_EPS, DEFAULT_RATIOS, analyze_layer
 from l2e_dist.analysis.samples import LabelledTokens
 from l2e_dist.config_utils import ConfigError
+from l2e_dist.errors import UserError
 from l2e_dist.l2e.config import L2EConfig
 
 REPORT_FORMAT = "l2e-analyze/1"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class AnalysisError(ValueError):
+class AnalysisError(UserError, ValueError):
     """A user-facing problem with the analysis inputs (one line, with the fix)."""
 
 

@@ -17,10 +17,12 @@ from typing import Any
 
 import yaml
 
+from l2e_dist.errors import UserError
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """A user-facing problem with the evaluation inputs (one line, with the fix)."""
 
 

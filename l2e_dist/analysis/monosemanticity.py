@@ -12,7 +12,8 @@ formulas are those of /work/shared/docs/l2e-method.md (sections 2 and 5), evalua
   exact sorted scores); a pair is selected when phi >= tau, as in training.
 * FKR(p): l*_j = argmax over features l of mean_{tokens with feature l} phi_j (features with no token are
   skipped); FKR = #(selected, feature known, feature != l*_j) / #(selected, feature known). Unknown-feature
-  tokens are left out of both counts (as the online FKR does).
+  tokens are left out of both counts (as the online FKR does). Undefined (None) when the sample holds fewer
+  than two known features: l*_j is then the only feature and FKR would be 0 whatever the neurons do.
 * K-S: for each feature l, sup_x |F_l(x) - F_all(x)| between the empirical CDF of the scores of the tokens
   labelled l (all neurons pooled) and that of all scores of the layer; identical to
   scipy.stats.ks_2samp(phi[features == l].ravel(), phi.ravel()).statistic, ties included.
@@ -128,6 +129,11 @@ def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def features_present(features: np.ndarray) -> int:
+    """Distinct known features (label >= 0) among the sample's tokens."""
+    return int(np.unique(features[features >= 0]).size)
+
+
 def analyze_layer(
     z: np.ndarray,
     features: np.ndarray,
@@ -169,6 +175,9 @@ def analyze_layer(
     n = sorted_phi.size
 
     sorted_max = np.sort(neuron_max)
+    # With fewer than two features in the sample every neuron's l* is the one feature: FKR would be 0 by
+    # construction, so it is undefined (None) instead.
+    fkr_defined = features_present(features) >= 2
     thresholds = []
     for p in ratios:
         tau = sorted_quantile(sorted_phi, 1.0 - p)
@@ -181,7 +190,7 @@ def analyze_layer(
             "selected_frac": (n - first) / n,
             "neurons_selected_frac": float(width - np.searchsorted(sorted_max, tau, side="left")) / width,
             "selected_known": selected_known,
-            "fkr": (selected_known - selected_own) / selected_known if selected_known else None,
+            "fkr": (selected_known - selected_own) / selected_known if selected_known and fkr_defined else None,
         })
     reference = [{"score": float(s), "frac_above": (n - int(np.searchsorted(sorted_phi, s, side="left"))) / n}
                  for s in reference_scores]

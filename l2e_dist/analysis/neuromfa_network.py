@@ -29,6 +29,8 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
 
+from l2e_dist.errors import UserError
+
 # Source rows per Dijkstra call: bounds the dense (rows x nodes) distance block for big models.
 _DIJKSTRA_ROWS = 512
 
@@ -41,7 +43,7 @@ _WEIGHT_NAMES = (
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.\d+\.(?:" + "|".join(re.escape(n) for n in _WEIGHT_NAMES) + r")$")
 
 
-class NeuroMFAError(ValueError):
+class NeuroMFAError(UserError, ValueError):
     """A user-facing problem with NeuroMFA inputs (checkpoint path, state dict, sample sizes)."""
 
 

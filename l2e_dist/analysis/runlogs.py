@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from l2e_dist.errors import UserError
+
 Series = tuple[np.ndarray, np.ndarray]  # (steps int64, values float64)
 
 
-class RunLogError(ValueError):
+class RunLogError(UserError, ValueError):
     """A run directory without readable logs (one line, with the fix)."""
 
 

@@ -360,9 +360,8 @@ def _export_tokenizer(source: WeightSource, out: Path) -> dict | None:
 def import_hf(hf_dir: str | Path, out_dir: str | Path, tp: int) -> Path:
     """A GPTNeoX/Pythia HF directory -> our checkpoint directory with TP=`tp` weight shards (DeepSpeed
     stage-0 layout: mp_rank_XX_model_states.pt, no optimizer state) that `train.init_from` starts from."""
+    _check_hf_import_source(Path(hf_dir))
     source = WeightSource(hf_dir)
-    if source.checkpoint is not None:
-        raise CheckpointError(f"{hf_dir} is not a Hugging Face directory (config.json + model.safetensors)")
     cfg = source.model_config
     if cfg.num_attention_heads % tp or cfg.ffn_size % tp:
         raise CheckpointError(f"TP={tp} must divide the heads ({cfg.num_attention_heads}) and MLP width ({cfg.ffn_size})")
@@ -388,6 +387,29 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tp: int) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _check_hf_import_source(path: Path) -> None:
+    """One line for a directory `from-hf` cannot import (before any checkpoint lookup, whose messages are
+    about the other direction)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(
+            f"{path} is not a Hugging Face model directory (no config.json): give a GPTNeoX/Pythia directory with "
+            "config.json and model.safetensors (a training checkpoint needs no import: use train.init_from)"
+        )
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON ({exc}): re-download the model") from None
+    if model_type != "gpt_neox":
+        raise CheckpointError(
+            f"{path} holds a {model_type!r} model: only GPTNeoX/Pythia (model_type 'gpt_neox') can be imported"
+        )
+    if not is_hf_directory(path):
+        raise CheckpointError(
+            f"{path} has a config.json but no weights ({', '.join(HF_WEIGHT_FILES)}): copy the weight files there"
+        )
 
 
 def architecture(cfg: ModelConfig) -> dict[str, Any]:

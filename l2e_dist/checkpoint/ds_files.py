@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from l2e_dist.errors import UserError
 from l2e_dist.model.tp_layout import merge_shards, partition_dim
 
 OPTIMIZER_KINDS = ("exp_avg", "exp_avg_sq")  # AdamW moments, stored next to the fp32 master weights
@@ -45,7 +46,7 @@ DEEPSPEED_KEYS = frozenset(
 )
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
     """A checkpoint directory that is incomplete, inconsistent or not a DeepSpeed/l2e-dist checkpoint."""
 
 

@@ -13,9 +13,11 @@ and the client state: step, consumed_samples (the data position: the sampler is 
 step), the resolved run config, the L2E state (full width, identical on all ranks), the optimizer's parameter
 names (stage 0 stores them by index only); plus every rank's RNG states.
 
-Resume (`resume`): rank 0 picks the newest checkpoint that verifies (every manifest file present with its size
-and sha256, every .pt file loadable with torch.load(weights_only=True)), falling back to older ones with a
-warning. The checksums are computed at save time by all ranks in parallel (file i by rank i % world size). Same
+Resume (`resume`): the newest checkpoint that verifies (every manifest file present with its size and sha256,
+every .pt file loadable with torch.load(weights_only=True)), falling back to older ones with a warning. Each
+rank deep-verifies, in parallel, the files it will read (rank_files); each writer fsyncs and hashes the files it
+wrote at save time, so no rank reads the whole checkpoint and the fsyncs reach every node's disk. A save that
+cannot fit on a disk is refused on every rank before anything is written. Same
 layout (TP, DP, ZeRO stage, precision, padded vocab): DeepSpeed's native load, bit-exact, RNG states restored.
 Another layout: l2e_dist.checkpoint.reshard, RNG re-seeded from (seed, step, rank).
 
@@ -34,6 +36,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,11 +45,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from l2e_dist.errors import UserError, environment_error_message
+
 _TAG = re.compile(r"^global_step(\d+)$")
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint, or one that cannot continue this run; the message says what to change."""
 
 
@@ -109,58 +114,80 @@ def _checkpoint_files(ckpt: Path) -> list[Path]:
     return [p for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST]
 
 
-def write_manifest(ckpt: Path, sha256: dict[str, str] | None = None) -> None:
-    """Record every file's size and sha256 (fsynced first) so that a missing, truncated or corrupted shard is
-    detected on load. `sha256` (relative path -> digest) when already computed, e.g. by all ranks in parallel."""
+def write_manifest(ckpt: Path, sha256: dict[str, str] | None = None, synced: bool = False) -> None:
+    """Record every file's size and sha256 so that a missing, truncated or corrupted shard is detected on load.
+    `sha256` (relative path -> digest) when already computed; `synced` when every file was already fsynced
+    by its writer (else it is fsynced here)."""
     files, digests = {}, {}
     for path in _checkpoint_files(ckpt):
         rel = str(path.relative_to(ckpt))
-        _fsync(path)
+        if not synced:
+            _fsync(path)
         files[rel] = path.stat().st_size
         digests[rel] = sha256[rel] if sha256 and rel in sha256 else file_sha256(path)
     _atomic_write_text(ckpt / MANIFEST, json.dumps({"files": files, "sha256": digests}, indent=1))
 
 
-def _parallel_sha256(ckpt: Path) -> dict[str, str]:
-    """Collective: every rank hashes its share of the checkpoint's files (file i on rank i % world size)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {
-        str(p.relative_to(ckpt)): file_sha256(p) for i, p in enumerate(_checkpoint_files(ckpt)) if i % world == rank
-    }
-    shares: list[dict[str, str] | None] = [None] * world
+def _sync_and_hash_own_files(ckpt: Path) -> dict[str, str]:
+    """Collective: every rank fsyncs and hashes the files it wrote (on its own node, while they are in its page
+    cache); returns every file's sha256 on every rank."""
+    from l2e_dist.checkpoint.rank_files import RankPosition, files_of_rank, relative_files
+
+    mine = {}
+    for rel in files_of_rank(relative_files(ckpt, skip=(MANIFEST,)), RankPosition.current(), reading=False):
+        _fsync(ckpt / rel)
+        mine[rel] = file_sha256(ckpt / rel)
+    shares: list[dict[str, str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(shares, mine)
     return {rel: digest for share in shares for rel, digest in (share or {}).items()}
 
 
-def verify_checkpoint(ckpt: Path, deep: bool = False) -> str | None:
-    """None when every file in the manifest exists with its recorded size (and, `deep`, its recorded sha256,
-    and every .pt file loads with weights_only=True), else what is wrong."""
+def _read_manifest(ckpt: Path) -> tuple[dict[str, int], dict[str, str]] | str:
     manifest = ckpt / MANIFEST
     if not manifest.is_file():
         return f"{manifest} is missing (incomplete checkpoint)"
     try:
         record = json.loads(manifest.read_text())
-        files, digests = record["files"], record.get("sha256", {})
+        return dict(record["files"]), dict(record.get("sha256", {}))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"{manifest} is unreadable: {exc}"
-    for rel, size in files.items():
-        path = ckpt / rel
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != size:
-            return f"{path} has {path.stat().st_size} bytes, expected {size} (truncated or corrupt)"
-    if deep:
+
+
+def verify_file(ckpt: Path, rel: str, size: int, digest: str | None, deep: bool) -> str | None:
+    """None when file `rel` has its recorded size (and, `deep`, its sha256, and as a .pt file loads with
+    weights_only=True), else what is wrong. The hash streams the file once into the page cache; the
+    memory-mapped weights_only load right after reads only its pickle, from that cache."""
+    path = ckpt / rel
+    if not path.is_file():
+        return f"{path} is missing"
+    if path.stat().st_size != size:
+        return f"{path} has {path.stat().st_size} bytes, expected {size} (truncated or corrupt)"
+    if not deep:
+        return None
+    if digest is not None and file_sha256(path) != digest:
+        return f"{path} does not match its sha256 in {MANIFEST} (corrupt: changed after it was saved)"
+    if rel.endswith(".pt"):
         from l2e_dist.checkpoint.ds_files import CheckpointFormatError, safe_load
 
-        for rel in files:
-            if rel in digests and file_sha256(ckpt / rel) != digests[rel]:
-                return f"{ckpt / rel} does not match its sha256 in {MANIFEST} (corrupt: changed after it was saved)"
-        for rel in files:
-            if rel.endswith(".pt"):
-                try:
-                    safe_load(ckpt / rel)
-                except CheckpointFormatError as exc:
-                    return str(exc)
+        try:
+            safe_load(path)
+        except CheckpointFormatError as exc:
+            return str(exc)
+    return None
+
+
+def verify_checkpoint(ckpt: Path, deep: bool = False, only: list[str] | None = None) -> str | None:
+    """None when every file in the manifest exists with its recorded size (and, `deep`, its recorded sha256,
+    and every .pt file loads with weights_only=True), else what is wrong. `only`: deep-check just these files
+    (relative paths; the others' presence and size still)."""
+    record = _read_manifest(ckpt)
+    if isinstance(record, str):
+        return record
+    files, digests = record
+    for rel, size in files.items():
+        problem = verify_file(ckpt, rel, size, digests.get(rel), deep and (only is None or rel in only))
+        if problem is not None:
+            return problem
     return None
 
 
@@ -174,10 +201,8 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_resume_checkpoint(ckpt_dir: Path, deep: bool = False) -> Path | None:
-    """The checkpoint to resume from: the one `latest` names if it verifies, else the newest one that does
-    (with a warning). None when there is no checkpoint at all; raises if checkpoints exist but none is intact."""
-    candidates = list_checkpoints(ckpt_dir)
+def _resume_candidates(ckpt_dir: Path) -> tuple[list[Path], Path | None]:
+    """Checkpoints to try, best first (the one `latest` names, then newest first), and that preferred one."""
     latest_file = ckpt_dir / "latest"
     preferred = None
     if latest_file.is_file():
@@ -186,25 +211,81 @@ def find_resume_checkpoint(ckpt_dir: Path, deep: bool = False) -> Path | None:
         if preferred is None:
             warnings.warn(
                 f"{latest_file} is corrupt ({name[:40]!r}); looking for the newest intact checkpoint",
-                stacklevel=2,
+                stacklevel=3,
             )
     order = ([preferred] if preferred is not None else []) + [
-        p for _, p in reversed(candidates) if p != preferred
+        p for _, p in reversed(list_checkpoints(ckpt_dir)) if p != preferred
     ]
+    return order, preferred
+
+
+def _no_intact_checkpoint(ckpt_dir: Path) -> CheckpointError:
+    return CheckpointError(
+        f"no intact checkpoint in {ckpt_dir}: every candidate failed verification (see warnings above); "
+        "delete the directory or set train.resume=false to start over"
+    )
+
+
+def _fallback_warning(preferred: Path | None, chosen: Path) -> None:
+    if preferred is not None and chosen != preferred:
+        warnings.warn(f"checkpoint {preferred.name} is unusable; falling back to {chosen.name}", stacklevel=3)
+
+
+def find_resume_checkpoint(ckpt_dir: Path, deep: bool = False) -> Path | None:
+    """The checkpoint to resume from (this process checks every file): the one `latest` names if it verifies,
+    else the newest one that does (with a warning). None when there is no checkpoint at all; raises if
+    checkpoints exist but none is intact. Distributed runs use `select_resume_checkpoint`."""
+    order, preferred = _resume_candidates(ckpt_dir)
     for path in order:
         problem = verify_checkpoint(path, deep) if path.is_dir() else f"{path} does not exist"
         if problem is None:
-            if preferred is not None and path != preferred:
-                warnings.warn(
-                    f"checkpoint {preferred.name} is unusable; falling back to {path.name}", stacklevel=2
-                )
+            _fallback_warning(preferred, path)
             return path
         warnings.warn(f"skipping checkpoint {path.name}: {problem}", stacklevel=2)
-    if candidates or latest_file.exists():
-        raise CheckpointError(
-            f"no intact checkpoint in {ckpt_dir}: every candidate failed verification (see warnings above); "
-            "delete the directory or set train.resume=false to start over"
+    if order or (ckpt_dir / "latest").exists():
+        raise _no_intact_checkpoint(ckpt_dir)
+    return None
+
+
+def select_resume_checkpoint(ckpt_dir: Path) -> Path | None:
+    """Collective `find_resume_checkpoint(deep=True)`: rank 0 orders the candidates and checks sizes; then
+    every rank deep-verifies (sha256 + weights_only load) the files IT will read, all ranks in parallel, and
+    a candidate is taken only when every rank found its files intact. Same answer on every rank."""
+    from l2e_dist.checkpoint.rank_files import RankPosition, files_of_rank
+
+    rank = dist.get_rank()
+    shallow = None
+    if rank == 0:
+        order, preferred = _resume_candidates(ckpt_dir)
+        shallow = (
+            [(str(p), verify_checkpoint(p) if p.is_dir() else f"{p} does not exist") for p in order],
+            str(preferred) if preferred else None,
+            bool(order) or (ckpt_dir / "latest").exists(),
         )
+    candidates, preferred, any_found = _from_rank0(shallow)
+    me = RankPosition.current()
+    for path_text, problem in candidates:
+        path = Path(path_text)
+        if problem is None:
+            record = _read_manifest(path)
+            if isinstance(record, str):
+                problem = record
+            else:
+                mine = files_of_rank(list(record[0]), me, reading=True)
+                problem = verify_checkpoint(path, deep=True, only=mine)
+            problems: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(problems, problem)
+            problem = next((p for p in problems if p is not None), None)
+        if problem is None:
+            if rank == 0:
+                _fallback_warning(Path(preferred) if preferred else None, path)
+            return path
+        if rank == 0:
+            warnings.warn(f"skipping checkpoint {path.name}: {problem}", stacklevel=2)
+    if any_found:
+        error = _no_intact_checkpoint(ckpt_dir)
+        error.agreed = True
+        raise error
     return None
 
 
@@ -218,7 +299,9 @@ def _optimizer_param_names(engine) -> list[list[str]] | None:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last_n: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+    """Collective: every rank calls it. Returns the final checkpoint path. Refuses (CheckpointError, on every
+    rank, before writing) when a disk lacks the space, and turns a failed write into a CheckpointError; either
+    way the previous checkpoints and `latest` are untouched."""
     rank = dist.get_rank()
     tag = f"global_step{step}"
     tmp, final = ckpt_dir / f".tmp-{tag}", ckpt_dir / tag
@@ -229,12 +312,23 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), tmp / f"rank_state_{rank}.pt")
+    _check_free_space(engine, ckpt_dir, tag)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), tmp / f"rank_state_{rank}.pt")
+    except (OSError, RuntimeError) as exc:
+        reason = environment_error_message(exc) or _disk_full_reason(ckpt_dir, exc)
+        if reason is None:
+            raise
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write checkpoint {tag} to {ckpt_dir}: {reason}; the previous checkpoints are intact"
+        ) from exc
     dist.barrier()
-    sha256 = _parallel_sha256(tmp)
+    sha256 = _sync_and_hash_own_files(tmp)
     if rank == 0:
-        write_manifest(tmp, sha256)
+        write_manifest(tmp, sha256, synced=True)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -245,6 +339,53 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _bytes_to_write(engine) -> int:
+    """About how many bytes this rank's share of a checkpoint takes: its optimizer state (ZeRO: its partition
+    of the fp32 master weights and moments) plus, on the ranks that write it, the module's state."""
+    from l2e_dist.training.bench import state_bytes
+
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    roots: list[Any] = [list(inner.state.values())]
+    if inner is not engine.optimizer:
+        roots.append([p for group in inner.param_groups for p in group["params"]])
+    if getattr(engine, "save_non_zero_checkpoint", True):
+        roots.append(engine.module.state_dict())
+    return state_bytes(roots)
+
+
+def _check_free_space(engine, ckpt_dir: Path, tag: str) -> None:
+    """Collective: refuse, on every rank, a save that cannot fit on some rank's disk (ranks sharing a host and
+    a file system add up), so that no rank starts writing a checkpoint that would fill the disk."""
+    usage = shutil.disk_usage(ckpt_dir)
+    mine = (socket.gethostname(), os.stat(ckpt_dir).st_dev, _bytes_to_write(engine), usage.free)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    need: dict[tuple[str, int], int] = {}
+    free: dict[tuple[str, int], int] = {}
+    for host, device, nbytes, available in everyone:
+        need[(host, device)] = need.get((host, device), 0) + nbytes
+        free[(host, device)] = available
+    for (host, device), nbytes in sorted(need.items()):
+        wanted = int(nbytes * 1.02) + 16 * 2**20  # headroom: pickle framing, json, the manifest
+        if wanted > free[(host, device)]:
+            error = CheckpointError(
+                f"not enough disk space for checkpoint {tag} in {ckpt_dir} on {host}: it needs about "
+                f"{wanted / 2**30:.2f} GiB, {free[(host, device)] / 2**30:.2f} GiB are free; free space, lower "
+                "train.keep_last_n or set train.output_dir elsewhere (the previous checkpoints are intact)"
+            )
+            error.agreed = True
+            raise error
+
+
+def _disk_full_reason(ckpt_dir: Path, exc: BaseException) -> str | None:
+    """torch.save reports a failed write as a RuntimeError without errno: call it a full disk when it is."""
+    try:
+        full = shutil.disk_usage(ckpt_dir).free < 2**20
+    except OSError:
+        return None
+    return f"the disk is full ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})" if full else None
 
 
 def load_checkpoint(engine, ckpt: Path) -> dict:
@@ -330,18 +471,9 @@ def resume(engine, cfg, ckpt_dir: Path, inhibitor=None) -> int:
     from l2e_dist.checkpoint.reshard import load_resharded
 
     rank = dist.get_rank()
-    choice = None
-    if rank == 0:
-        try:
-            choice = ("ok", find_resume_checkpoint(ckpt_dir, deep=True))
-        except CheckpointError as exc:
-            choice = ("error", str(exc))
-    status, value = _from_rank0(choice)
-    if status == "error":
-        raise CheckpointError(value)
-    if value is None:
+    ckpt = select_resume_checkpoint(ckpt_dir)
+    if ckpt is None:
         return 0
-    ckpt = Path(value)
     source = DeepSpeedCheckpoint(ckpt)
     saved = source.client_state
     if saved.get("format") == IMPORT_FORMAT:

@@ -26,12 +26,13 @@ from megatron.core import parallel_state
 
 from l2e_dist.checkpoint.convert import resize_vocab_rows
 from l2e_dist.checkpoint.ds_files import OPTIMIZER_KINDS, DeepSpeedCheckpoint
+from l2e_dist.errors import UserError
 from l2e_dist.model.tp_layout import split_tensor
 
 LocalState = Callable[[str, str], torch.Tensor]  # (parameter name, kind) -> this rank's TP slice
 
 
-class ReshardError(RuntimeError):
+class ReshardError(UserError, RuntimeError):
     pass
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from l2e_dist.errors import UserError
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 HEADER_BYTES = 34
 # megatron.core.datasets.indexed_dataset.DType codes (uint16 = 8 as in GPT-NeoX).
@@ -31,7 +33,7 @@ TOKEN_DTYPES = {"uint16": np.uint16, "int32": np.int32}
 UINT16_VOCAB_LIMIT = 65500
 
 
-class DataFileError(ValueError):
+class DataFileError(UserError, ValueError):
     """A missing, truncated or inconsistent data file (one line: what is wrong and what to do)."""
 
 

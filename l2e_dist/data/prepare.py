@@ -44,13 +44,14 @@ from l2e_dist.data.indexed import (
 )
 from l2e_dist.data.sources import Batch, SourceSpec, dotted_get, iter_batches
 from l2e_dist.data.tokenizer import TextTokenizer, train_sentencepiece
+from l2e_dist.errors import UserError
 
 FORMAT = "l2e-dist-data/1"
 KILL_HOOK_ENV = "L2E_PREPARE_TEST_KILL_AFTER_DOCS"
 MAX_BAD_EXAMPLES = 5
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError, ValueError):
     """Bad input under --on-bad-record fail, or an output that cannot be resumed (one line, with the fix)."""
 
 

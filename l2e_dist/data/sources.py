@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 
 import zstandard
 
+from l2e_dist.errors import UserError
+
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.zst", ".json.zst", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Unreadable or unusable input (one line: what and how to fix it)."""
 
 

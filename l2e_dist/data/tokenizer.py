@@ -10,11 +10,13 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator
 
+from l2e_dist.errors import UserError
+
 # Names used for the end-of-document token by common HF tokenizers, tried in this order.
 EOD_TOKEN_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer file that is missing, unreadable or unusable for pretraining data."""
 
 

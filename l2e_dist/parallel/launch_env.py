@@ -26,6 +26,7 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
+from l2e_dist.errors import UserError
 from l2e_dist.parallel.hostlist import expand_hostlist, expand_tasks_per_node
 
 # Ports derived from job ids stay below the Linux ephemeral range (32768+), above well-known services,
@@ -41,7 +42,7 @@ _MPI_LOCAL_VARS = (
 )
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """The launch environment is inconsistent; the message says what to change."""
 
 

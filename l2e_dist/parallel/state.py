@@ -7,14 +7,20 @@ CPU+gloo) and sets the CUDA environment megatron-core needs, so the rest of the 
 from __future__ import annotations
 
 import datetime
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from l2e_dist.config_utils import ConfigError
+from l2e_dist.errors import UserError
+
+T = TypeVar("T")
 
 DEVICE_SETTINGS = ("auto", "cuda", "cpu")
 # Slurm variables that say the job (or step) was given GPUs (--gpus, --gpus-per-node, --gres=gpu:N, ...).
@@ -125,17 +131,48 @@ def init_process_groups(tensor_parallel: int, timeout_s: float = 600.0, device: 
         )
     world = dist.get_world_size()
     if world % tensor_parallel:
-        raise ValueError(
-            f"world size {world} is not divisible by parallel.tensor_parallel={tensor_parallel}: "
-            f"launch a multiple of {tensor_parallel} processes or change parallel.tensor_parallel"
+        raise ConfigError(
+            "parallel.tensor_parallel",
+            f"TP={tensor_parallel} does not divide the world size {world}: launch a multiple of "
+            f"{tensor_parallel} processes or lower parallel.tensor_parallel",
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel,
-            distributed_timeout_minutes=max(1, int(timeout_s // 60)),
+            distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
             create_gloo_process_groups=False,
         )
     return current_layout()
+
+
+def rank0_first(build: Callable[[], T]) -> T:
+    """Collective: rank 0 runs `build` (e.g. writing caches), then the other ranks do. A user error on rank 0 is
+    raised on every rank (one report, no rank left waiting in a barrier for a peer that has exited)."""
+    problem = None
+    if dist.get_rank() == 0:
+        try:
+            result = build()
+        except UserError as exc:
+            exc.agreed, problem = True, exc
+    box = [None if problem is None else str(problem)]
+    dist.broadcast_object_list(box, src=0)
+    if problem is not None:
+        raise problem
+    if box[0] is not None:
+        error = UserError(box[0])
+        error.agreed = True
+        raise error
+    if dist.get_rank() != 0:
+        result = build()
+    return result
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Timeout of every later collective on every process group of this rank (gloo and NCCL)."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout, _world
+
+    for group in list(_world.pg_map):
+        _set_pg_timeout(datetime.timedelta(seconds=seconds), group)
 
 
 def current_layout() -> ParallelLayout:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import resource
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from l2e_dist.parallel.state import (
     ParallelLayout,
     default_device,
     init_process_groups,
+    rank0_first,
+    set_collective_timeout,
     tensor_and_data_parallel_group,
 )
 from l2e_dist.training.metrics import MetricsLogger
@@ -40,6 +43,8 @@ from l2e_dist.training.preemption import PreemptionHandler, start_watchdog
 from l2e_dist.training.prefetch import prefetch_to_device
 from l2e_dist.training.run_data import check_run_data, first_step, run_batches
 from l2e_dist.training.throughput import TrainingClock, device_peak_tflops, mfu
+
+SLOW_PHASE_FACTOR = 4  # resume, eval and checkpoint phases may take this many watchdog/collective timeouts
 
 
 @dataclass
@@ -64,14 +69,24 @@ def seed_everything(seed: int) -> None:
 
 def _prepare_data(cfg: RunConfig, layout: ParallelLayout):
     """Rank 0 builds/indexes the data first (writing caches), then everybody reads it."""
-    if not cfg.data.paths and layout.rank == 0:
-        prepare_default_corpus(cfg.data.cache_dir)
-    if layout.rank == 0:
-        datasets = build_datasets(cfg.data, cfg.train.seq_length, cfg.train.seed)
-    dist.barrier()
-    if layout.rank != 0:
-        datasets = build_datasets(cfg.data, cfg.train.seq_length, cfg.train.seed)
-    return datasets
+
+    def build():
+        if not cfg.data.paths and layout.rank == 0:
+            prepare_default_corpus(cfg.data.cache_dir)
+        return build_datasets(cfg.data, cfg.train.seq_length, cfg.train.seed)
+
+    return rank0_first(build)
+
+
+def resolve_vocab_size(cfg: RunConfig, datasets) -> None:
+    """model.vocab_size from the tokenizer when null; refused when smaller than the tokenizer's."""
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = datasets.vocab_size
+    elif cfg.model.vocab_size < datasets.vocab_size:
+        raise ConfigError(
+            "model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's {datasets.vocab_size}: "
+            "set it to null or at least the tokenizer vocabulary"
+        )
 
 
 def _build_inhibitor(
@@ -183,13 +198,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
                 "--label-field, or data.labels=false): set l2e.fkr=false or prepare the data with labels"
             )
         cfg.l2e.num_features = len(datasets.feature_names)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = datasets.vocab_size
-    elif cfg.model.vocab_size < datasets.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {datasets.vocab_size}: "
-            "set model.vocab_size to null or at least the tokenizer vocabulary"
-        )
+    resolve_vocab_size(cfg, datasets)
     check_run_data(cfg, datasets)  # file-order data ends; an init_from checkpoint's vocabulary
 
     seed_everything(cfg.train.seed)  # identical init on every rank and every TP size
@@ -203,12 +212,16 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     watchdog = start_watchdog(cfg.parallel.watchdog_timeout_s) if cfg.parallel.watchdog_timeout_s else None
     out_dir = Path(cfg.train.output_dir)
     ckpt_dir = out_dir / "checkpoints"
-    resumed_step = resume(engine, cfg, ckpt_dir, inhibitor) if cfg.train.resume else 0
+    resumed_step = 0
+    if cfg.train.resume:
+        with _slow_phase(watchdog, cfg, 0, "resume"):
+            resumed_step = resume(engine, cfg, ckpt_dir, inhibitor)
     disable_deepspeed_min_scale_error(engine)  # after resume: loading a checkpoint replaces the loss scaler
     start_step = resumed_step or first_step(cfg)  # a fresh branched run starts at train.branch_step
     snapshot_steps = set(cfg.train.snapshot_steps())
     if start_step == 0 and 0 in snapshot_steps:  # the initialization, before the first update
-        _snapshot(engine, inhibitor, out_dir, 0, cfg, resumed=False)
+        with _slow_phase(watchdog, cfg, 0, "snapshot"):
+            _snapshot(engine, inhibitor, out_dir, 0, cfg, resumed=False)
     is_rank0 = layout.rank == 0
     logger = MetricsLogger(
         str(out_dir),
@@ -295,8 +308,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
             watchdog.heartbeat(step)
 
         if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.train_iters):
-            _allow_slow_phase(watchdog, step, "eval")
-            with clock.paused():
+            with _slow_phase(watchdog, cfg, step, "eval"), clock.paused():
                 valid_metrics = evaluate(
                     engine, model, inhibitor, datasets.valid, cfg, layout, device, logger, step
                 )
@@ -304,13 +316,11 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         # A signal during the last step changes nothing: the run finishes (exit 0) instead of stopping (75).
         stop = preempt.should_stop(step=step) and step < cfg.train.train_iters
         if step in snapshot_steps:  # before this step's resume checkpoint: a resume never skips a snapshot
-            _allow_slow_phase(watchdog, step, "snapshot")
-            with clock.paused():
+            with _slow_phase(watchdog, cfg, step, "snapshot"), clock.paused():
                 _snapshot(engine, inhibitor, out_dir, step, cfg, resumed=resumed_step > 0)
         if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or stop:
             if step != cfg.train.train_iters:
-                _allow_slow_phase(watchdog, step, "checkpoint")
-                with clock.paused():
+                with _slow_phase(watchdog, cfg, step, "checkpoint"), clock.paused():
                     _save(engine, inhibitor, ckpt_dir, step, cfg)
         if stop:
             requeued = preempt.requeue()
@@ -323,8 +333,8 @@ def pretrain(cfg: RunConfig) -> TrainResult:
             break
 
     if step > start_step and step == cfg.train.train_iters:
-        _allow_slow_phase(watchdog, step, "checkpoint")
-        _save(engine, inhibitor, ckpt_dir, step, cfg)
+        with _slow_phase(watchdog, cfg, step, "checkpoint"):
+            _save(engine, inhibitor, ckpt_dir, step, cfg)
     if watchdog is not None:
         watchdog.stop()
     final_loss = losses[-1] if losses else float("nan")
@@ -371,10 +381,17 @@ def _rank0_requeued(requeued: bool, device) -> bool:
     return bool(flag.item())
 
 
-def _allow_slow_phase(watchdog, step: int, phase: str) -> None:
-    """Evaluation and checkpoint writes may legitimately take longer than a step: give them 4x the timeout."""
+@contextmanager
+def _slow_phase(watchdog, cfg: RunConfig, step: int, phase: str):
+    """Resume, evaluation and checkpoint writes may legitimately take longer than a step: the watchdog and the
+    collective timeout both allow SLOW_PHASE_FACTOR x theirs (the collective one stays the longer)."""
     if watchdog is not None:
-        watchdog.heartbeat(step, phase=phase, allow_s=4 * watchdog.timeout_s)
+        watchdog.heartbeat(step, phase=phase, allow_s=SLOW_PHASE_FACTOR * watchdog.timeout_s)
+    set_collective_timeout(SLOW_PHASE_FACTOR * cfg.parallel.dist_timeout_s)
+    try:
+        yield
+    finally:
+        set_collective_timeout(cfg.parallel.dist_timeout_s)
 
 
 def _client_state(inhibitor, step: int, cfg: RunConfig) -> dict:

@@ -1,0 +1,45 @@
+"""`l2e-pretrain --dry-run`: everything a run checks before its first step (config, launch world and TP/DP
+layout, data files, tokenizer, vocabulary), then the per-rank memory estimate, and no training."""
+
+from __future__ import annotations
+
+from l2e_dist.config import RunConfig, validate_world
+from l2e_dist.errors import UserError
+from l2e_dist.training.memory import GIB, MemoryEstimate, estimate_memory
+from l2e_dist.training.optim import effective_zero_stage
+
+
+def dry_run(cfg: RunConfig, gpu_mem_gib: float | None = None) -> MemoryEstimate:
+    """Collective (launch it as the real run). Raises a UserError (one line, every rank) on any problem,
+    including an estimate above `gpu_mem_gib`; returns the estimate of one rank."""
+    from l2e_dist.parallel.state import init_process_groups
+    from l2e_dist.training.trainer import _prepare_data, resolve_vocab_size
+
+    layout = init_process_groups(cfg.parallel.tensor_parallel, cfg.parallel.dist_timeout_s)
+    dp = validate_world(cfg, layout.world_size)
+    datasets = _prepare_data(cfg, layout)
+    resolve_vocab_size(cfg, datasets)
+    stage = effective_zero_stage(cfg, dp)
+    estimate = estimate_memory(
+        cfg.model, layout.tp_size, dp, stage, cfg.deepspeed.precision, cfg.train.micro_batch_size,
+        cfg.train.seq_length, cfg.train.activation_checkpointing,
+    )
+    if layout.rank == 0:
+        gas = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+        print(
+            f"l2e-pretrain: dry run OK: world={layout.world_size} tp={layout.tp_size} dp={dp} zero={stage} "
+            f"precision={cfg.deepspeed.precision} micro_batch={cfg.train.micro_batch_size} gas={gas} "
+            f"seq_length={cfg.train.seq_length} vocab={cfg.model.vocab_size} "
+            f"train_samples={len(datasets.train)}",
+            flush=True,
+        )
+        print(f"l2e-pretrain: estimated memory per rank: {estimate.describe()}", flush=True)
+    if gpu_mem_gib is not None and estimate.total > gpu_mem_gib * GIB:
+        error = UserError(
+            f"the estimated {estimate.total / GIB:.2f} GiB per rank ({estimate.describe()}) does not fit "
+            f"--gpu-mem-gib {gpu_mem_gib:g}: raise parallel.tensor_parallel or deepspeed.zero_stage, lower "
+            "train.micro_batch_size, or set train.activation_checkpointing=true"
+        )
+        error.agreed = True
+        raise error
+    return estimate
