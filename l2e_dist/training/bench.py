@@ -238,7 +238,7 @@ def _build_ours(cfg: RunConfig, device: torch.device) -> _Variant:
     from l2e_dist.model.gpt_neox import GPTNeoX
     from l2e_dist.parallel.state import current_layout, tensor_and_data_parallel_group
     from l2e_dist.training.optim import initialize_engine
-    from l2e_dist.training.trainer import seed_everything, train_micro_batch
+    from l2e_dist.training.trainer import end_l2e_step, seed_everything, train_micro_batch
 
     layout = current_layout()
     gas = cfg.train.global_batch_size // cfg.train.micro_batch_size
@@ -264,6 +264,7 @@ def _build_ours(cfg: RunConfig, device: torch.device) -> _Variant:
         for tokens in batch:
             lm_loss = train_micro_batch(engine, inhibitor, tokens)
             loss_sum.add_(lm_loss.detach().double() / gas)
+        end_l2e_step(engine, inhibitor)
         return loss_sum
 
     roots = [list(engine.module.parameters()), [p.grad for p in engine.module.parameters()], vars(engine.optimizer)]

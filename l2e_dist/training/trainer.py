@@ -253,6 +253,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
                 inhibitor.set_features(micro["features"][:, :-1].to(device) if cfg.l2e.fkr else None)
             lm_loss = train_micro_batch(engine, inhibitor, tokens)
             loss_sum += lm_loss.detach().double() / gas
+        end_l2e_step(engine, inhibitor)
         steps_since_log += 1
 
         if step % cfg.train.log_interval == 0 or step == cfg.train.train_iters:
@@ -333,7 +334,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
 
 def train_micro_batch(engine, inhibitor: L2EInhibitor | None, tokens: torch.Tensor) -> torch.Tensor:
     """Forward, LM loss + L2E regularizer, backward, engine step (DeepSpeed applies the optimizer only at the
-    gradient-accumulation boundary), then the L2E statistics merge. Returns the mean LM loss."""
+    gradient-accumulation boundary). L2E sums accumulate until end_l2e_step. Returns the mean LM loss."""
     lm_loss = engine(tokens[:, :-1], tokens[:, 1:]).mean()
     loss = lm_loss + inhibitor.regularization_loss() if inhibitor is not None else lm_loss
     engine.backward(loss)
@@ -341,6 +342,13 @@ def train_micro_batch(engine, inhibitor: L2EInhibitor | None, tokens: torch.Tens
     if inhibitor is not None:
         inhibitor.finish_micro_batch()
     return lm_loss
+
+
+def end_l2e_step(engine, inhibitor: L2EInhibitor | None) -> None:
+    """After the step's last micro-batch: the L2E statistics and thresholds merge once per optimizer step. An
+    fp16 overflow-skipped step (DeepSpeed did not apply it) merges nothing, like the optimizer."""
+    if inhibitor is not None:
+        inhibitor.end_step(applied=engine.was_step_applied())
 
 
 def _zero_description(cfg: RunConfig, dp_size: int) -> str:
