@@ -308,9 +308,9 @@ def test_activation_recompute_gives_identical_statistics_and_gradients(method):
     (g0, s0, n0), (g1, s1, n1) = runs[False], runs[True]
     # every micro-batch recomputed at least one apply (early stop may skip a trailing one that saved nothing)
     assert n0 == 12 and n1 >= 18
-    for a, b in zip(g0, g1):
+    for a, b in zip(g0, g1, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    for a, b in zip(s0, s1):
+    for a, b in zip(s0, s1, strict=True):
         for lid in (0, 1):
             for key in ("mean", "var", "tau", "num_obs"):
                 torch.testing.assert_close(a["layers"][lid][key], b["layers"][lid][key], rtol=0, atol=0)
