@@ -25,8 +25,9 @@ from l2e_dist.l2e.regularizer import (
     DenseSelectedLogSquare,
     ReverseDeactivation,
     compact_selection,
-    log_square_derivative,
+    selected_log_square,
 )
+from l2e_dist.l2e.selection import bracket_bounds, kth_score_per_token, threshold_indices
 from l2e_dist.l2e.state_io import load_layer_states, save_layer_states
 from l2e_dist.l2e.statistics import LayerState, fresh_state, merge_step, refresh_derived
 from l2e_dist.l2e.threshold import HIST_BINS, histogram_counts, histogram_quantile, update_threshold
@@ -51,11 +52,6 @@ class _Evaluation:
     selected: Tensor | None = None  # bool [tokens, local_width] (dense forms)
     index: Tensor | None = None  # flat indices of the selected pairs (compact form)
     phi: Tensor | None = None
-
-
-def _top_values(x: Tensor, k: int) -> Tensor:
-    """The k largest values of each row, [rows, k] (a max-reduction for k = 1, the MEmeL default)."""
-    return x.amax(dim=1, keepdim=True) if k == 1 else x.topk(k, dim=1).values
 
 
 class L2EInhibitor:
@@ -359,65 +355,40 @@ class L2EInhibitor:
                 buf[slots.hist:slots.hist + HIST_BINS] += histogram_counts(phi)
         return ev, reg_value, coef
 
-    def _bracket(self, st: LayerState, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-neuron bounds on (z - mu)^2 for phi >= tau/r, tau, tau*r (the threshold's counting bracket)."""
-        bound = st.bound[self._neurons]
-        ratio = st.half_width.exp()
-        return (bound / ratio).to(dtype), bound.to(dtype), (bound * ratio).to(dtype)
-
     def _select_dense(self, st: LayerState, ev: _Evaluation, d2: Tensor, slots: Slots | None = None) -> None:
-        """Selection as a mask (threshold or per-token top-k); with `slots`, adds the bracket counts."""
+        """Selection as a mask (threshold or per-token top-k); with `slots`, adds the counts to the sums."""
+        buf = self._buf
         if self.cfg.uses_threshold:
-            lo, ev.bound, hi = self._bracket(st, d2.dtype)
+            lo, ev.bound, hi = bracket_bounds(st.bound[self._neurons], st.half_width, d2.dtype)
             ev.selected = d2 >= ev.bound
             if slots is not None:
-                self._buf[slots.scalar(N_SEL)] += ev.selected.sum()
-                self._buf[slots.scalar(N_LO)] += (d2 >= lo).sum()
-                self._buf[slots.scalar(N_HI)] += (d2 >= hi).sum()
-        else:
-            # top-k needs the scores themselves (in place unless the dense regularizer still needs d2)
-            ev.phi = d2 * ev.inv_denom if self.cfg.method == "l2e" else d2.mul_(ev.inv_denom)
-            ev.thr = self._kth_score_per_token(ev.phi)
-            ev.selected = ev.phi >= ev.thr
-            if slots is not None:
-                self._buf[slots.scalar(N_SEL)] += ev.selected.sum()
+                buf[slots.scalar(N_SEL)] += ev.selected.sum()
+                buf[slots.scalar(N_LO)] += (d2 >= lo).sum()
+                buf[slots.scalar(N_HI)] += (d2 >= hi).sum()
+            return
+        # top-k needs the scores themselves (in place unless the dense regularizer still needs d2)
+        ev.phi = d2 * ev.inv_denom if self.cfg.method == "l2e" else d2.mul_(ev.inv_denom)
+        ev.thr = kth_score_per_token(ev.phi, min(self.cfg.topk, self.num_neurons), self.tp_size, self.tp_group)
+        self.collective_count += self.tp_size > 1
+        ev.selected = ev.phi >= ev.thr
+        if slots is not None:
+            buf[slots.scalar(N_SEL)] += ev.selected.sum()
 
     def _select_compact(self, st: LayerState, slots: Slots, ev: _Evaluation, d2: Tensor, flat: Tensor,
                         record: bool) -> tuple[Tensor, Tensor]:
-        """Threshold selection as flat indices (CPU): one full compare at the bracket's low end, the rest on
-        that subset. Returns the regularizer value and the selected pairs' derivatives."""
-        buf, width, delta = self._buf, self.local_width, self.cfg.delta
+        """Selection as flat indices (CPU); returns the regularizer value and the selected pairs' derivatives."""
+        buf = self._buf
         if not self.cfg.uses_threshold:
             self._select_dense(st, ev, d2, slots if record else None)
-            index = ev.selected.view(-1).nonzero().squeeze(1)
+            ev.index = ev.selected.view(-1).nonzero().squeeze(1)
         else:
-            lo, ev.bound, hi = self._bracket(st, d2.dtype)
-            candidates = (d2 >= lo).view(-1).nonzero().squeeze(1)
-            cand_d2 = d2.view(-1).index_select(0, candidates)
-            neuron = candidates.remainder(width)
-            chosen = cand_d2 >= ev.bound.index_select(0, neuron)
-            index = candidates[chosen]
+            lo, ev.bound, hi = bracket_bounds(st.bound[self._neurons], st.half_width, d2.dtype)
+            candidates, ev.index, n_hi = threshold_indices(d2, lo, ev.bound, hi)
             if record:
                 buf[slots.scalar(N_LO)] += candidates.numel()
-                buf[slots.scalar(N_SEL)] += index.numel()
-                buf[slots.scalar(N_HI)] += (cand_d2 >= hi.index_select(0, neuron)).sum()
-        ev.index = index
-        d_sel = flat.reshape(-1).index_select(0, index).to(ev.mu.dtype) - ev.mu.index_select(0, index % width)
-        reg_value = (d_sel * d_sel + delta).log_().sum()
-        return reg_value, log_square_derivative(d_sel, delta)
-
-    def _kth_score_per_token(self, phi: Tensor) -> Tensor:
-        """k-th largest score of each token over the full layer, shape [tokens, 1]."""
-        import torch.distributed as dist
-
-        k = min(self.cfg.topk, self.num_neurons)
-        top = _top_values(phi, min(k, self.local_width))
-        if self.tp_size > 1:
-            parts = [torch.empty_like(top) for _ in range(self.tp_size)]
-            dist.all_gather(parts, top.contiguous(), group=self.tp_group)
-            self.collective_count += 1
-            top = _top_values(torch.cat(parts, dim=1), k)
-        return top[:, k - 1:k]
+                buf[slots.scalar(N_SEL)] += ev.index.numel()
+                buf[slots.scalar(N_HI)] += n_hi
+        return selected_log_square(flat, ev.mu, ev.index, self.cfg.delta)
 
     def _reg_scale(self, local_tokens: int) -> float:
         """After DeepSpeed's averaging over DP ranks and micro-batches, the gradient is that of the step's global

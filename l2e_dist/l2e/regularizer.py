@@ -26,6 +26,13 @@ def log_square_derivative(d: Tensor, delta: float) -> Tensor:
     return (2.0 * d).div_(d * d + delta).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def selected_log_square(flat: Tensor, mu: Tensor, index: Tensor, delta: float) -> tuple[Tensor, Tensor]:
+    """Compact form's forward: SUM log(d^2 + delta) over the selected flat `index` of `flat` [tokens, width]
+    (d = z - mu recomputed for those pairs only) and their derivatives."""
+    d = flat.reshape(-1).index_select(0, index).to(mu.dtype) - mu.index_select(0, index % flat.shape[1])
+    return (d * d + delta).log_().sum(), log_square_derivative(d, delta)
+
+
 class DenseSelectedLogSquare(torch.autograd.Function):
     """Forward returns the precomputed `value`; backward recomputes the selection from z: with threshold
     retrieval |z - mu| >= sqrt(bound), with top-k (z - mu)^2 * inv_denom >= thr."""
