@@ -37,12 +37,20 @@ def _overrides(out, data_cache, method: str, **extra) -> list[str]:
     return small_run_overrides(out, data_cache, **{**L2E, "l2e.method": method, **extra})
 
 
+# tau moves by COUNTS of pairs around it. A TP split changes the fp32 summation order of the MLP matmul, so a
+# pair within rounding of a bracket bound may fall on the other side in one layout and move a count by one
+# (measured at TP=2 x accumulation 2: 3e-6 relative in tau, 7e-6 in the bracket width). Everything else
+# (moments, counters, flags, losses) is held to 1e-6 / 1e-5.
+_COUNT_DRIVEN = {"tau": 1e-4, "half_width": 1e-4}
+
+
 def _assert_states_close(got: dict, want: dict) -> None:
     assert got["layers"].keys() == want["layers"].keys()
     for layer, ref in want["layers"].items():
         for key, value in ref.items():
             if isinstance(value, torch.Tensor):
-                torch.testing.assert_close(got["layers"][layer][key], value, rtol=1e-6, atol=1e-6, msg=key)
+                rtol = _COUNT_DRIVEN.get(key, 1e-6)
+                torch.testing.assert_close(got["layers"][layer][key], value, rtol=rtol, atol=1e-6, msg=key)
             else:
                 assert got["layers"][layer][key] == value, key
 
