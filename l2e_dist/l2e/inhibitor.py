@@ -318,12 +318,11 @@ class L2EInhibitor:
             buf[slots.s1][neurons] += d.sum(0)
             if self.tp_rank == 0:
                 buf[slots.scalar(COUNT)] += flat.shape[0]
+        d2 = d.square_()  # from here on d holds (z - mu)^2
         d_sum_sq = None
         if record:
-            d_sum_sq = torch.linalg.vector_norm(d, dim=0).square_() if not d.dtype == torch.float64 \
-                else d.square().sum(0)
+            d_sum_sq = d2.sum(0)
             buf[slots.s2][neurons] += d_sum_sq
-        d2 = d.square_()  # from here on d holds (z - mu)^2
         if slots.scoring:
             ev.inv_denom = st.inv_denom[neurons].to(d2.dtype)
             if record:
@@ -377,18 +376,18 @@ class L2EInhibitor:
     def _select_compact(self, st: LayerState, slots: Slots, ev: _Evaluation, d2: Tensor, flat: Tensor,
                         record: bool) -> tuple[Tensor, Tensor]:
         """Selection as flat indices (CPU); returns the regularizer value and the selected pairs' derivatives."""
-        buf = self._buf
+        buf, neuron = self._buf, None
         if not self.cfg.uses_threshold:
             self._select_dense(st, ev, d2, slots if record else None)
             ev.index = ev.selected.view(-1).nonzero().squeeze(1)
         else:
             lo, ev.bound, hi = bracket_bounds(st.bound[self._neurons], st.half_width, d2.dtype)
-            candidates, ev.index, n_hi = threshold_indices(d2, lo, ev.bound, hi)
+            n_lo, ev.index, neuron, n_hi = threshold_indices(d2, lo, ev.bound, hi)
             if record:
-                buf[slots.scalar(N_LO)] += candidates.numel()
+                buf[slots.scalar(N_LO)] += n_lo
                 buf[slots.scalar(N_SEL)] += ev.index.numel()
                 buf[slots.scalar(N_HI)] += n_hi
-        return selected_log_square(flat, ev.mu, ev.index, self.cfg.delta)
+        return selected_log_square(flat, ev.mu, ev.index, self.cfg.delta, neuron)
 
     def _reg_scale(self, local_tokens: int) -> float:
         """After DeepSpeed's averaging over DP ranks and micro-batches, the gradient is that of the step's global

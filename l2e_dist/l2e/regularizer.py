@@ -26,10 +26,12 @@ def log_square_derivative(d: Tensor, delta: float) -> Tensor:
     return (2.0 * d).div_(d * d + delta).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def selected_log_square(flat: Tensor, mu: Tensor, index: Tensor, delta: float) -> tuple[Tensor, Tensor]:
+def selected_log_square(flat: Tensor, mu: Tensor, index: Tensor, delta: float,
+                        neuron: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Compact form's forward: SUM log(d^2 + delta) over the selected flat `index` of `flat` [tokens, width]
-    (d = z - mu recomputed for those pairs only) and their derivatives."""
-    d = flat.reshape(-1).index_select(0, index).to(mu.dtype) - mu.index_select(0, index % flat.shape[1])
+    (d = z - mu recomputed for those pairs only; `neuron` = index % width if known) and their derivatives."""
+    neuron = index.remainder(flat.shape[1]) if neuron is None else neuron
+    d = flat.reshape(-1).index_select(0, index).to(mu.dtype) - mu.index_select(0, neuron)
     return (d * d + delta).log_().sum(), log_square_derivative(d, delta)
 
 

@@ -19,14 +19,15 @@ def bracket_bounds(bound: Tensor, half_width: Tensor, dtype: torch.dtype) -> tup
     return (bound / ratio).to(dtype), bound.to(dtype), (bound * ratio).to(dtype)
 
 
-def threshold_indices(d2: Tensor, lo: Tensor, mid: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def threshold_indices(d2: Tensor, lo: Tensor, mid: Tensor, hi: Tensor) -> tuple[int, Tensor, Tensor, Tensor]:
     """Compact threshold selection of d2 [tokens, width]: ONE full compare at the bracket's low end, the rest on
-    that subset. Returns (flat indices of d2 >= lo, flat indices of d2 >= mid, count of d2 >= hi)."""
+    that subset. Returns (count of d2 >= lo, flat indices of d2 >= mid, their neuron indices, count >= hi)."""
     candidates = (d2 >= lo).view(-1).nonzero().squeeze(1)
     cand_d2 = d2.view(-1).index_select(0, candidates)
     neuron = candidates.remainder(d2.shape[1])
-    chosen = candidates[cand_d2 >= mid.index_select(0, neuron)]
-    return candidates, chosen, (cand_d2 >= hi.index_select(0, neuron)).sum()
+    chosen = cand_d2 >= mid.index_select(0, neuron)
+    n_hi = (cand_d2 >= hi.index_select(0, neuron)).sum()
+    return candidates.numel(), candidates[chosen], neuron[chosen], n_hi
 
 
 def top_values(x: Tensor, k: int) -> Tensor:
