@@ -35,12 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"l2e-pretrain: {exc}", file=sys.stderr)
         return 2
     from l2e_dist.checkpoint.io import CheckpointError
+    from l2e_dist.l2e.inhibitor import NonFiniteActivations
     from l2e_dist.parallel.state import destroy_process_groups
     from l2e_dist.training.trainer import pretrain
 
     try:
         result = pretrain(cfg)
-    except (ConfigError, CheckpointError) as exc:  # world-size checks, unusable checkpoints
+    except (ConfigError, CheckpointError, NonFiniteActivations) as exc:  # world size, checkpoints, L2E NaN/inf
         print(f"l2e-pretrain: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -192,13 +192,13 @@ class L2EInhibitor:
         self._reg_terms = {}
         self._features = None
 
-    def end_step(self, applied: bool = True) -> None:
+    def end_step(self, applied: bool = True, step: int | None = None) -> None:
         """At the optimizer-step boundary (after the optimizer step): ONE fused all_reduce of every layer's sums
         over the step's micro-batches, then the merge and the threshold update. `applied=False` (an fp16
         overflow-skipped step) discards the step's sums: the L2E state stays as the optimizer's does.
 
         Layers whose sums hold a NaN/inf merge nothing; after `max_nonfinite_steps` consecutive such steps this
-        raises NonFiniteActivations naming the layer and the step."""
+        raises NonFiniteActivations naming the layer and the step (`step`: the trainer's step number, for it)."""
         if self._recorded:
             raise RuntimeError("end_step: call finish_micro_batch() after each micro-batch's backward first")
         if self._buf is None or self._micro_batches == 0 or not self.cfg.enabled:
@@ -229,7 +229,8 @@ class L2EInhibitor:
             if st.consecutive_nonfinite >= self.cfg.max_nonfinite_steps:
                 raise NonFiniteActivations(
                     f"L2E layer {lid}: NaN/inf activations in {st.consecutive_nonfinite} consecutive optimizer "
-                    f"steps (the last one is step {self.steps_ended} of this run): the model diverged; lower "
+                    f"steps (the last one is step {step if step is not None else self.steps_ended}): the model "
+                    f"diverged; lower "
                     f"optimizer.lr or resume from an earlier checkpoint (l2e.max_nonfinite_steps sets the limit)")
 
     def metrics(self) -> dict[str, float]:

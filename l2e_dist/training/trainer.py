@@ -253,7 +253,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
                 inhibitor.set_features(micro["features"][:, :-1].to(device) if cfg.l2e.fkr else None)
             lm_loss = train_micro_batch(engine, inhibitor, tokens)
             loss_sum += lm_loss.detach().double() / gas
-        end_l2e_step(engine, inhibitor)
+        end_l2e_step(engine, inhibitor, step)
         steps_since_log += 1
 
         if step % cfg.train.log_interval == 0 or step == cfg.train.train_iters:
@@ -344,11 +344,11 @@ def train_micro_batch(engine, inhibitor: L2EInhibitor | None, tokens: torch.Tens
     return lm_loss
 
 
-def end_l2e_step(engine, inhibitor: L2EInhibitor | None) -> None:
+def end_l2e_step(engine, inhibitor: L2EInhibitor | None, step: int | None = None) -> None:
     """After the step's last micro-batch: the L2E statistics and thresholds merge once per optimizer step. An
     fp16 overflow-skipped step (DeepSpeed did not apply it) merges nothing, like the optimizer."""
     if inhibitor is not None:
-        inhibitor.end_step(applied=engine.was_step_applied())
+        inhibitor.end_step(applied=engine.was_step_applied(), step=step)
 
 
 def _zero_description(cfg: RunConfig, dp_size: int) -> str:
