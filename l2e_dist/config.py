@@ -257,6 +257,14 @@ def cross_validate(cfg: RunConfig) -> None:
             cfg.l2e.resolve_layers(cfg.model.num_layers)
         except ConfigError as exc:
             raise ConfigError(f"l2e.{exc.key}", str(exc).split(": ", 1)[-1]) from None
+        # L2E counts optimizer steps: a start at or after the last step would never inhibit anything.
+        start_key = "l2e.late_start" if cfg.l2e.late_start is not None else "l2e.forget_steps"
+        if cfg.l2e.start_after >= cfg.train.train_iters:
+            raise ConfigError(
+                start_key,
+                f"L2E starts scoring after {cfg.l2e.start_after} optimizer steps but train.train_iters="
+                f"{cfg.train.train_iters}: nothing would be inhibited; lower it below train.train_iters",
+            )
 
 
 def validate_world(cfg: RunConfig, world_size: int) -> int:

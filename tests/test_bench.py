@@ -34,6 +34,7 @@ def _count_collectives() -> dict:
             dist.all_reduce(torch.ones(2))
         inhibitor.apply(0, torch.randn(4, 8, requires_grad=True))
         inhibitor.finish_micro_batch()
+        inhibitor.end_step()
         dist.barrier()
     return {"counts": dict(counter.counts), "restored": dist.all_reduce is original,
             "engine": inhibitor.collective_count}

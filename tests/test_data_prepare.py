@@ -151,7 +151,7 @@ def test_our_files_megatron_builder_files_and_neox_layout_are_read_identically(p
     for suffix in (".bin", ".idx"):
         assert open(ours + suffix, "rb").read() == open(theirs + suffix, "rb").read() == open(neox + suffix,
                                                                                               "rb").read()
-    assert all(np.array_equal(a, b) for a, b in zip(read_documents(ours), reference))
+    assert all(np.array_equal(a, b) for a, b in zip(read_documents(ours), reference, strict=True))
     samples = []
     for prefix in (ours, theirs, neox):
         cfg = DataConfig(paths=[prefix], tokenizer=pile["tokenizer"], labels=False, split="1,0,0",

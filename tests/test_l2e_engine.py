@@ -37,6 +37,7 @@ def reference_scores(z: np.ndarray, st: dict, eps: float) -> np.ndarray:
 def step(inh: L2EInhibitor, z: torch.Tensor, layer: int = 0) -> torch.Tensor:
     out = inh.apply(layer, z)
     inh.finish_micro_batch()
+    inh.end_step()
     return out
 
 
@@ -217,12 +218,14 @@ def test_reverse_deactivation_value_gradient_and_eval_identity():
     out.backward(upstream)
     torch.testing.assert_close(z.grad, torch.where(mask, -strength * upstream, upstream), rtol=0, atol=1e-12)
     inh.finish_micro_batch()
+    inh.end_step()
 
     inh.eval()
     before = state(inh)
     z2 = torch.randn(4, width, generator=gen, dtype=F64)
     assert inh.apply(0, z2) is z2
     inh.finish_micro_batch()
+    inh.end_step()
     after = state(inh)
     assert after["n_merged"] == before["n_merged"] and torch.equal(after["mean"], before["mean"])
 
@@ -252,6 +255,7 @@ def test_regularizer_gradient_pulls_selected_activations_to_their_mean(reduction
     stepped = zn - 1e-3 / scale * grad
     assert (np.abs(stepped - st["mean"].numpy())[mask] < np.abs(d[mask])).all()
     inh.finish_micro_batch()
+    inh.end_step()
     reported = inh.metrics()["l2e/layer0/reg"]  # global value of this micro-batch (one process here)
     global_sum = np.log(d[mask] ** 2 + 1e-6).sum()
     np.testing.assert_allclose(reported, lam * global_sum / (1 if reduction == "sum" else z.shape[0]),
@@ -296,6 +300,7 @@ def test_activation_recompute_gives_identical_statistics_and_gradients(method):
             loss = (y * target).sum() + inh.regularization_loss()
             loss.backward()
             inh.finish_micro_batch()
+            inh.end_step()
             grads.append((w1.grad.clone(), w2.grad.clone()))
             w1.grad = w2.grad = None
             states.append(inh.state_dict())
@@ -303,9 +308,9 @@ def test_activation_recompute_gives_identical_statistics_and_gradients(method):
     (g0, s0, n0), (g1, s1, n1) = runs[False], runs[True]
     # every micro-batch recomputed at least one apply (early stop may skip a trailing one that saved nothing)
     assert n0 == 12 and n1 >= 18
-    for a, b in zip(g0, g1):
+    for a, b in zip(g0, g1, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    for a, b in zip(s0, s1):
+    for a, b in zip(s0, s1, strict=True):
         for lid in (0, 1):
             for key in ("mean", "var", "tau", "num_obs"):
                 torch.testing.assert_close(a["layers"][lid][key], b["layers"][lid][key], rtol=0, atol=0)
@@ -337,6 +342,7 @@ def test_state_dict_round_trip_continues_identically():
         out = inh.apply(2, z) + inh.apply(5, z * 0.5)
         (out.sum() + inh.regularization_loss()).backward()
         inh.finish_micro_batch()
+        inh.end_step()
         return z.grad, inh.metrics()
 
     for z, feats in batches[:5]:
@@ -378,6 +384,7 @@ def test_online_fkr_matches_reference():
         inh.set_features(torch.tensor(feats))
         inh.apply(0, torch.tensor(z, requires_grad=True))
         inh.finish_micro_batch()
+        inh.end_step()
         metrics = inh.metrics()
         if selecting and fkr_ready:
             phi = reference_scores(z, st, 0.01)
@@ -429,12 +436,15 @@ def test_hooks_follow_model_training_flag_and_none_attaches_nothing():
     model.eval()
     assert torch.equal(model(x), plain)
     inh.finish_micro_batch()
+    inh.end_step()
     assert state(inh, 1)["n_merged"] == 0  # eval forward recorded nothing
     model.train()
     model(x)
     inh.finish_micro_batch()
+    inh.end_step()
     assert not torch.equal(model(x), plain)  # reverse deactivation now changes the output
     inh.finish_micro_batch()
+    inh.end_step()
     for handle in handles:
         handle.remove()
     assert torch.equal(model(x), plain)

@@ -488,7 +488,13 @@ def resume(engine, cfg, ckpt_dir: Path, inhibitor=None) -> int:
         client_state = saved
         reseed_for_resume(cfg.train.seed, int(saved["step"]), rank)
     if inhibitor is not None and "l2e" in client_state:
-        inhibitor.load_state_dict(client_state["l2e"])
+        saved_train = (saved.get("config") or {}).get("train") or {}
+        micro = int(saved_train.get("micro_batch_size", 0)) * int(before["data_parallel"])
+        try:  # a legacy per-micro-batch L2E state means the same only without gradient accumulation
+            inhibitor.load_state_dict(client_state["l2e"], writer_micro_batches_per_step=(
+                int(saved_train.get("global_batch_size", -1)) // micro if micro else None))
+        except ValueError as exc:
+            raise CheckpointError(f"{ckpt}: {exc}") from None
     step = int(client_state["step"])
     if rank == 0:
         how = "same layout" if before == now else f"resharded from {_describe(before)} to {_describe(now)}"

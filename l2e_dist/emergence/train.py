@@ -110,6 +110,7 @@ def train_run(cfg: EmergenceConfig, spec: RunSpec) -> RunRecord:
         opt.step()
         if inhibitor is not None:
             inhibitor.finish_micro_batch()
+            inhibitor.end_step()
         elapsed_lr += lr
 
     return RunRecord(

@@ -18,11 +18,14 @@ LAYER_PRESETS = ("mid2", "mid_third")
 class L2EConfig:
     """Monosemantic-neuron inhibition settings.
 
-    `threshold_lr` (ours, default 5.0): per micro-batch the log-threshold moves by threshold_lr * (f - p), where
-    f is the global fraction of scores >= tau. Downward steps are at most threshold_lr * p (10% per micro-batch at
-    the defaults), upward steps grow with the excess; for Gaussian-like scores at p = 0.02 the error in log tau
-    shrinks by ~30% per micro-batch. The long-run mean of f is exactly p for any lr > 0 (the log-threshold
-    stays bounded), so lr only trades tracking speed against jitter.
+    One step is one optimizer step's global batch (all micro-batches, all ranks): statistics, threshold and FKR
+    counts merge once at its end, and `forget_steps`, `late_start` count optimizer steps (docs/l2e-method.md).
+
+    `threshold_lr` (ours, default 0.5, in (0, 1]): each step tau moves this fraction of the way (in log space)
+    to the step's (1 - p) quantile located by its bracket counts (l2e_dist/l2e/threshold.py); 1 jumps to it,
+    smaller values average over steps (steady-state lag-1 autocorrelation of the selected fraction ~ -lr/2).
+    `max_nonfinite_steps` (ours, default 5): a step whose activations in a layer hold NaN/inf merges nothing into
+    that layer; this many consecutive such steps stop the run with an error naming the layer.
     """
 
     method: Literal["l2e", "memel", "none"] = "none"
@@ -39,10 +42,11 @@ class L2EConfig:
     reduction: Literal["sum", "mean"] = "sum"
     delta: float = 1e-6
     eps: float = 0.01
-    # Counted in micro-batches: statistics and the threshold update once per micro-batch (see inhibitor.py).
+    # Counted in optimizer steps: statistics and the threshold update once per step.
     forget_steps: int = 10
     late_start: int | None = None
-    threshold_lr: float = 5.0
+    threshold_lr: float = 0.5
+    max_nonfinite_steps: int = 5
     rd_strength: float = 1.0
     fkr: bool = False
     num_features: int = 0  # 0: the number of feature labels of the data (the trainer fills it in)
@@ -56,7 +60,7 @@ class L2EConfig:
 
     @property
     def start_after(self) -> int:
-        """Number of merged micro-batches before scoring starts (late_start, default forget_steps)."""
+        """Number of merged optimizer steps before scoring starts (late_start, default forget_steps)."""
         return self.forget_steps if self.late_start is None else self.late_start
 
     @property
@@ -80,8 +84,12 @@ class L2EConfig:
             raise ConfigError("forget_steps", f"must be >= 1, got {self.forget_steps}")
         if self.late_start is not None and self.late_start < 1:
             raise ConfigError("late_start", f"must be >= 1 (or null for forget_steps), got {self.late_start}")
-        if self.threshold_lr <= 0:
-            raise ConfigError("threshold_lr", f"must be > 0, got {self.threshold_lr}")
+        if not 0.0 < self.threshold_lr <= 1.0:
+            raise ConfigError("threshold_lr", f"must be in (0, 1] (the fraction of the way to the step's quantile "
+                                              f"moved per step; default 0.5), got {self.threshold_lr}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError("max_nonfinite_steps", f"must be >= 1 (consecutive NaN/inf steps before the run "
+                                                     f"stops), got {self.max_nonfinite_steps}")
         if self.rd_strength <= 0:
             raise ConfigError("rd_strength", f"must be > 0, got {self.rd_strength}")
         if self.num_features < 0:

@@ -18,7 +18,7 @@ Choices that matter for reading the figures:
   adds time). Load averages before, during and after are in the report.
 - Data: `distinct_batches` random token batches drawn once from a seeded generator (vocab of the config) and
   cycled; every variant gets the same batch in a round. Timing does not depend on token values.
-- Warm-up: at least `l2e.late_start` + 2 micro-batches, so the timed L2E/MEmeL steps score and select (the
+- Warm-up: at least `l2e.late_start` + 1 optimizer steps, so the timed L2E/MEmeL steps score and select (the
   steady state) rather than only collecting statistics.
 - L2E's statistics all_reduce is issued even in a world of 1 (the reduce group is always passed), so its cost
   and count are in the figures as in a multi-process run. MEmeL here is method memel with retrieval auto
@@ -238,7 +238,7 @@ def _build_ours(cfg: RunConfig, device: torch.device) -> _Variant:
     from l2e_dist.model.gpt_neox import GPTNeoX
     from l2e_dist.parallel.state import current_layout, tensor_and_data_parallel_group
     from l2e_dist.training.optim import initialize_engine
-    from l2e_dist.training.trainer import seed_everything, train_micro_batch
+    from l2e_dist.training.trainer import end_l2e_step, seed_everything, train_micro_batch
 
     layout = current_layout()
     gas = cfg.train.global_batch_size // cfg.train.micro_batch_size
@@ -266,6 +266,7 @@ def _build_ours(cfg: RunConfig, device: torch.device) -> _Variant:
         for tokens in batch:
             lm_loss = train_micro_batch(engine, inhibitor, tokens)
             loss_sum.add_(lm_loss.detach().double() / gas)
+        end_l2e_step(engine, inhibitor)
         return loss_sum
 
     roots = [list(engine.module.parameters()), [p.grad for p in engine.module.parameters()], vars(engine.optimizer)]
@@ -378,10 +379,8 @@ def _timed_step(variant: _Variant, batch: torch.Tensor, device: torch.device, co
 def warmup_steps(cfg: RunConfig, settings: BenchSettings) -> int:
     """Warm-up steps of one variant: inhibiting variants first get past late start and threshold calibration,
     so that every timed step scores and selects."""
-    needed = 0
-    if cfg.l2e.method != "none":
-        gas = cfg.train.global_batch_size // cfg.train.micro_batch_size
-        needed = -(-(cfg.l2e.start_after + 1) // gas)
+    # L2E counts optimizer steps: start_after steps of statistics, one calibration step.
+    needed = cfg.l2e.start_after + 1 if cfg.l2e.method != "none" else 0
     return needed + settings.warmup
 
 

@@ -270,6 +270,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
                 inhibitor.set_features(micro["features"][:, :-1] if cfg.l2e.fkr else None)
             lm_loss = train_micro_batch(engine, inhibitor, micro["tokens"])
             step_loss += lm_loss.detach().double() / gas
+        end_l2e_step(engine, inhibitor, step)
         # One scalar all_reduce per step: every rank sees the same mean loss, so all stop together.
         dist.all_reduce(step_loss, group=dp_group)
         mean_step_loss = step_loss.item() / dp_size
@@ -356,7 +357,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
 
 def train_micro_batch(engine, inhibitor: L2EInhibitor | None, tokens: torch.Tensor) -> torch.Tensor:
     """Forward, LM loss + L2E regularizer, backward, engine step (DeepSpeed applies the optimizer only at the
-    gradient-accumulation boundary), then the L2E statistics merge. Returns the mean LM loss."""
+    gradient-accumulation boundary). L2E sums accumulate until end_l2e_step. Returns the mean LM loss."""
     lm_loss = engine(tokens[:, :-1], tokens[:, 1:], reduction="mean")
     loss = lm_loss + inhibitor.regularization_loss() if inhibitor is not None else lm_loss
     engine.backward(loss)
@@ -364,6 +365,13 @@ def train_micro_batch(engine, inhibitor: L2EInhibitor | None, tokens: torch.Tens
     if inhibitor is not None:
         inhibitor.finish_micro_batch()
     return lm_loss
+
+
+def end_l2e_step(engine, inhibitor: L2EInhibitor | None, step: int | None = None) -> None:
+    """After the step's last micro-batch: the L2E statistics and thresholds merge once per optimizer step. An
+    fp16 overflow-skipped step (DeepSpeed did not apply it) merges nothing, like the optimizer."""
+    if inhibitor is not None:
+        inhibitor.end_step(applied=engine.was_step_applied(), step=step)
 
 
 def _zero_description(cfg: RunConfig, dp_size: int) -> str:
