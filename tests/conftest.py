@@ -72,6 +72,23 @@ def pretrain_losses(overrides: list[str]) -> list[float]:
 sys.path.insert(0, str(ROOT))
 
 
+# Variables an in-process run exports for torch.distributed (launch_env, the bench): a test that leaves them set
+# would hand its MASTER_PORT/RANK/WORLD_SIZE to every later test's subprocesses (EADDRINUSE, wrong worlds).
+_PROCESS_GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                      "GROUP_RANK", "CROSS_RANK", "CROSS_SIZE", "DS_ACCELERATOR", "CUDA_DEVICE_MAX_CONNECTIONS")
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_group_env():
+    saved = {name: os.environ.get(name) for name in _PROCESS_GROUP_ENV}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Honest CI: under L2E_NO_SKIPS=1 (set by scripts/test.sh, hence .ci/run) a skipped test is a failure.

@@ -42,6 +42,7 @@ def trainer_command(out: Path, data_cache: str, **extra: object) -> list[str]:
         data_cache,
         **{
             "l2e.method": "l2e",
+            "l2e.forget_steps": 1,  # L2E scores (and inhibits) from the second step of these short runs
             "train.train_iters": STEPS,
             "train.preempt_check_every": 1,
             "parallel.watchdog_timeout_s": WATCHDOG_S,

@@ -107,7 +107,7 @@ CASES = [
     ("vocab-too-small", "pretrain", lambda ws: _pretrain(ws, "model.vocab_size=8"), "model.vocab_size"),
     ("init-from-missing", "pretrain", lambda ws: _pretrain(ws, f"train.init_from={ws['root']}/nowhere"),
      "nowhere"),
-    ("fkr-no-labels", "pretrain", lambda ws: _pretrain(ws, "l2e.method=l2e", "l2e.fkr=true", "data.labels=false"),
+    ("fkr-no-labels", "pretrain", lambda ws: _pretrain(ws, "l2e.method=l2e", "l2e.forget_steps=1", "l2e.fkr=true", "data.labels=false"),
      "l2e.fkr"),
     ("to-hf-not-checkpoint", "convert", lambda ws: ["to-hf", str(ws["root"] / "not-a-checkpoint"),
                                                     str(ws["root"] / "o1")], "is not a checkpoint"),

@@ -55,7 +55,8 @@ class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint, or one that cannot continue this run; the message says what to change."""
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -66,9 +67,9 @@ def _fsync(path: Path) -> None:
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def rng_state() -> dict[str, Any]:
@@ -122,7 +123,7 @@ def write_manifest(ckpt: Path, sha256: dict[str, str] | None = None, synced: boo
     for path in _checkpoint_files(ckpt):
         rel = str(path.relative_to(ckpt))
         if not synced:
-            _fsync(path)
+            fsync_path(path)
         files[rel] = path.stat().st_size
         digests[rel] = sha256[rel] if sha256 and rel in sha256 else file_sha256(path)
     _atomic_write_text(ckpt / MANIFEST, json.dumps({"files": files, "sha256": digests}, indent=1))
@@ -135,7 +136,7 @@ def _sync_and_hash_own_files(ckpt: Path) -> dict[str, str]:
 
     mine = {}
     for rel in files_of_rank(relative_files(ckpt, skip=(MANIFEST,)), RankPosition.current(), reading=False):
-        _fsync(ckpt / rel)
+        fsync_path(ckpt / rel)
         mine[rel] = file_sha256(ckpt / rel)
     shares: list[dict[str, str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(shares, mine)
@@ -332,7 +333,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(ckpt_dir)
+        fsync_path(ckpt_dir)
         _atomic_write_text(ckpt_dir / "latest", tag)
         if keep_last_n > 0:
             for _, old in list_checkpoints(ckpt_dir)[:-keep_last_n]:

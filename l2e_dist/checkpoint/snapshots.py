@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from l2e_dist.checkpoint.io import CheckpointError, file_sha256, verify_checkpoint, write_manifest
+from l2e_dist.checkpoint.io import CheckpointError, file_sha256, fsync_path, verify_checkpoint, write_manifest
 
 SNAPSHOT_DIR = "snapshots"
 SNAPSHOT_FORMAT = "l2e-dist-snapshot/1"
@@ -84,14 +84,6 @@ def full_fp32_weights(engine, keep: bool) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _broadcast(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -139,7 +131,7 @@ def save_snapshot(engine, snapshot_dir: Path, step: int, client_state: dict, kee
         if final.exists():  # an earlier run's, or damaged. Safe to delete first: a crash before the rename
             shutil.rmtree(final)  # leaves no checkpoint of this step, so a resume re-runs it and rewrites this
         os.replace(tmp, final)
-        _fsync_dir(snapshot_dir)
+        fsync_path(snapshot_dir)
     dist.barrier()
     return final
 
