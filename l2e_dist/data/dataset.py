@@ -74,7 +74,34 @@ def _cached(directory: str, name: str, compute) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-class PackedDataset(Dataset):
+class _IndexedFile(Dataset):
+    """One .bin/.idx prefix opened lazily, with its per-document labels: pickles as paths, not memory maps
+    (DataLoader workers reopen the files)."""
+
+    prefix: str
+
+    def _reset_file(self) -> None:
+        self._indexed = None
+        self._labels = None
+
+    @property
+    def indexed(self):
+        if self._indexed is None:
+            self._indexed = open_indexed(self.prefix)
+        return self._indexed
+
+    def _doc_labels(self) -> np.ndarray:
+        if self._labels is None:
+            self._labels = read_labels(self.prefix, len(self.indexed.document_indices) - 1)[0]
+        return self._labels
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_indexed=None, _labels=None)
+        return state
+
+
+class PackedDataset(_IndexedFile):
     """Fixed-length samples packed across the (shuffled) documents of one split of one .bin/.idx prefix."""
 
     def __init__(self, prefix: str, doc_range: tuple[int, int], seq_length: int, shuffle_seed: list[int],
@@ -82,8 +109,7 @@ class PackedDataset(Dataset):
         self.prefix, self.doc_range, self.seq_length = prefix, doc_range, seq_length
         self.shuffle_seed, self.index_dir = shuffle_seed, index_dir
         self.label_map = label_map  # local label id -> global feature id, or None (no labels)
-        self._indexed = None
-        self._labels = None
+        self._reset_file()
         self.order = _cached(index_dir, "order", self._compute_order)  # sequence ids in packing order
         self.cum = _cached(index_dir, "cum", self._compute_cum)  # token offset of each, plus the total
         self.num_samples = max(0, (int(self.cum[-1]) - 1) // seq_length)
@@ -103,16 +129,9 @@ class PackedDataset(Dataset):
         lengths = np.asarray(self.indexed.sequence_lengths)[self.order].astype(np.int64)
         return np.concatenate([[0], np.cumsum(lengths)])
 
-    @property
-    def indexed(self):
-        if self._indexed is None:
-            self._indexed = open_indexed(self.prefix)
-        return self._indexed
-
     def __getstate__(self) -> dict:
-        """Pickle paths, not memory maps (DataLoader workers reopen the files)."""
-        state = dict(self.__dict__)
-        state.update(_indexed=None, _labels=None, order=None, cum=None)
+        state = super().__getstate__()
+        state.update(order=None, cum=None)  # memory-mapped index arrays: reloaded in __setstate__
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -122,11 +141,6 @@ class PackedDataset(Dataset):
 
     def __len__(self) -> int:
         return self.num_samples
-
-    def _doc_labels(self) -> np.ndarray:
-        if self._labels is None:
-            self._labels = read_labels(self.prefix, len(self.indexed.document_indices) - 1)[0]
-        return self._labels
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.num_samples:
@@ -152,7 +166,7 @@ class PackedDataset(Dataset):
         return {"tokens": torch.from_numpy(tokens), "features": torch.from_numpy(features)}
 
 
-class FileOrderDataset(Dataset):
+class FileOrderDataset(_IndexedFile):
     """Samples that ARE the sequences [start, stop) of one file, in file order (Pythia's pre-shuffled layout:
     each sequence, one per document, is one 2049-token training sample, written in the order Pythia's training
     consumed them; Pythia's utils/batch_viewer.py slices the same sequences).
@@ -167,8 +181,7 @@ class FileOrderDataset(Dataset):
         self.prefix, self.sample_range, self.seq_length = prefix, sample_range, seq_length
         self.index_dir, self.label_map = index_dir, label_map
         self.fingerprint = os.path.basename(index_dir)
-        self._indexed = None
-        self._labels = None
+        self._reset_file()
         sample_length = int(_cached(index_dir, "sample_length", self._common_length)[0])
         if sample_length != seq_length + 1:
             raise ConfigError(
@@ -191,17 +204,6 @@ class FileOrderDataset(Dataset):
             )
         return np.array([low], dtype=np.int64)
 
-    @property
-    def indexed(self):
-        if self._indexed is None:
-            self._indexed = open_indexed(self.prefix)
-        return self._indexed
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state.update(_indexed=None, _labels=None)
-        return state
-
     def __len__(self) -> int:
         return self.num_samples
 
@@ -209,10 +211,8 @@ class FileOrderDataset(Dataset):
         """Feature id of the document holding `sequence` (-1: unlabelled)."""
         if self.label_map is None:
             return -1
-        if self._labels is None:
-            self._labels = read_labels(self.prefix, len(self.indexed.document_indices) - 1)[0]
         doc = int(np.searchsorted(self.indexed.document_indices, sequence, side="right")) - 1
-        local = int(self._labels[doc])
+        local = int(self._doc_labels()[doc])
         return int(self.label_map[local]) if local >= 0 else -1
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
