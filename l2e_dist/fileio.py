@@ -25,6 +25,12 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], *, durable: bool = True) -> Path:
     """Call `write(tmp)` on a fresh temporary path beside `path`, then rename it over `path`.
 
@@ -36,6 +42,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], *, durab
     os.close(handle)
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         write(tmp)
         if durable:
             fsync_path(tmp)
@@ -60,3 +67,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 1, sor
                       durable: bool = True, default: Callable[[Any], Any] | None = None) -> Path:
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n"
     return atomic_write_text(path, text, durable=durable)
+
+
+def atomic_save_npy(path: str | os.PathLike, array: Any, *, durable: bool = True) -> Path:
+    import numpy as np
+
+    return atomic_write(path, lambda tmp: np.save(tmp, array), durable=durable)

@@ -6,7 +6,7 @@
     l2e-bench --config configs/tiny.yaml --variants none l2e --profile runs/bench/profile
 
 One process (a world of 1); variants are interleaved round-robin and reported as medians and ratios
-(JSON to --out, a table to stdout). Method details: l2e_dist/training/bench.py.
+(JSON to --out, a table to stdout). Method details: l2e_dist/bench/__init__.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from launcher import add_debug_flag, quiet_known_warnings, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from l2e_dist.training.bench import VARIANTS
+    from l2e_dist.bench import VARIANTS
 
     parser = argparse.ArgumentParser(
         prog="l2e-bench",
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_known_warnings()
-    from l2e_dist.training.bench import BenchSettings, format_table, run_benchmark, write_report
+    from l2e_dist.bench import BenchSettings, format_table, run_benchmark, write_report
 
     settings = BenchSettings(
         configs=args.config or ["configs/tiny.yaml"],

@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from l2e_dist.checkpoint.convert import export_hf, import_hf
-    from l2e_dist.checkpoint.io import CheckpointError
+    from l2e_dist.checkpoint.manifest import CheckpointError
     from l2e_dist.checkpoint.snapshots import export_snapshots_hf
 
     if args.command == "to-hf" and args.all:

@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 def show_batch(args: argparse.Namespace) -> int:
     """`batch`: build the run's datasets exactly as the trainer does and print or save one global batch."""
     from l2e_dist.config import load_config
-    from l2e_dist.data.indexed import atomic_save_npy
     from l2e_dist.errors import UserError
+    from l2e_dist.fileio import atomic_save_npy
     from launcher import quiet_known_warnings
 
     quiet_known_warnings()

@@ -23,8 +23,8 @@ def _count_collectives() -> dict:
     barrier, and restores torch.distributed afterwards."""
     from l2e_dist.config_utils import build
     from l2e_dist.l2e import L2EConfig, L2EInhibitor
+    from l2e_dist.parallel.collectives import CollectiveCounter
     from l2e_dist.parallel.state import tensor_and_data_parallel_group
-    from l2e_dist.training.bench import CollectiveCounter
 
     original = dist.all_reduce
     inhibitor = L2EInhibitor(build(L2EConfig, {"method": "l2e"}, "l2e"), [0], 8,
@@ -41,15 +41,15 @@ def _count_collectives() -> dict:
 
 
 def test_state_bytes_counts_each_storage_once():
-    from l2e_dist.training.bench import state_bytes
+    from l2e_dist.checkpoint.io import state_bytes
 
     a, b = torch.zeros(10), torch.zeros(3, dtype=torch.float64)
     assert state_bytes([[a, a[2:], None], {"x": {"y": (b, 1.0)}}, a.view(2, 5)]) == 10 * 4 + 3 * 8
 
 
 def _smoke(out_path: str) -> dict:
+    from l2e_dist.bench import BenchSettings, format_table, run_benchmark, write_report
     from l2e_dist.parallel.state import destroy_process_groups, init_process_groups
-    from l2e_dist.training.bench import BenchSettings, format_table, run_benchmark, write_report
 
     dist.init_process_group("gloo")
     init_process_groups(1)

@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from l2e_dist.checkpoint.ds_files import CheckpointFormatError, DeepSpeedCheckpoint, safe_load
-from l2e_dist.checkpoint.io import CheckpointError, find_resume_checkpoint, verify_checkpoint, write_manifest
+from l2e_dist.checkpoint.manifest import (
+    CheckpointError,
+    find_resume_checkpoint,
+    verify_checkpoint,
+    write_manifest,
+)
 from tests.checkpoint_runs import reference_run
 
 SHARD = "zero_pp_rank_1_mp_rank_00_optim_states.pt"

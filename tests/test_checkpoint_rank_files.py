@@ -46,7 +46,7 @@ def test_another_layout_still_checks_every_file(tp, dp):
 
 def _select_and_log(ckpt_dir: str) -> tuple[str | None, list[str]]:
     """On each rank: the collective selection, logging the files this rank deep-verified."""
-    import l2e_dist.checkpoint.io as io
+    import l2e_dist.checkpoint.manifest as io
     from l2e_dist.parallel.state import destroy_process_groups, init_process_groups
 
     init_process_groups(1)

@@ -8,7 +8,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from l2e_dist.checkpoint.io import find_resume_checkpoint
+from l2e_dist.checkpoint.manifest import find_resume_checkpoint
 from tests.conftest import ROOT
 
 

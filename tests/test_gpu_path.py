@@ -147,6 +147,22 @@ def test_guard_bf16_tolerates_isolated_bad_steps_and_stops_after_patience():
         guard.after_step(7, float("nan"), False, None)
 
 
+def test_unsupported_precision_is_a_config_error_naming_the_key(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    from l2e_dist.training.optim import check_precision_supported
+
+    accelerator = type(get_accelerator())
+    monkeypatch.setattr(accelerator, "is_fp16_supported", lambda self: False)
+    monkeypatch.setattr(accelerator, "is_bf16_supported", lambda self: True)
+    with pytest.raises(ConfigError, match=r"'deepspeed.precision': fp16 is not supported.*set deepspeed.precision=bf16"):
+        check_precision_supported("fp16")
+    monkeypatch.setattr(accelerator, "is_bf16_supported", lambda self: False)
+    with pytest.raises(ConfigError, match=r"'deepspeed.precision': bf16 is not supported.*set deepspeed.precision=fp32"):
+        check_precision_supported("bf16")
+    check_precision_supported("fp32")
+
+
 def test_guard_fp16_counts_overflows_only_at_the_minimum_loss_scale():
     guard = NonFiniteGuard("fp16", patience=2, min_loss_scale=1.0)
     for step, scale in enumerate([4096.0, 2048.0, 1024.0, 2.0], 1):  # the scaler backs off: normal in fp16
@@ -157,10 +173,18 @@ def test_guard_fp16_counts_overflows_only_at_the_minimum_loss_scale():
         guard.after_step(6, float("inf"), step_applied=False, loss_scale=1.0)
 
 
-def _pretrain_with_nan(overrides: list[str], nan_steps: list[int]):
-    """pretrain() whose LM loss is NaN on the micro-batches of the given (1-based) optimizer steps."""
+def _pretrain_with_nan(overrides: list[str], nan_steps: list[int], assume_fp16: bool = False):
+    """pretrain() whose LM loss is NaN on the micro-batches of the given (1-based) optimizer steps.
+
+    `assume_fp16`: report fp16 as supported even where this CPU has no oneDNN fp16 kernels (AVX512-FP16). torch
+    still computes fp16 there, only slower, and what is tested is DeepSpeed's loss scaling with our guard."""
+    from deepspeed.accelerator import get_accelerator
+
     from l2e_dist.model import gpt_neox
     from tests.conftest import pretrain_result
+
+    if assume_fp16:
+        type(get_accelerator()).is_fp16_supported = lambda self: True  # this spawned worker process only
 
     calls = {"n": 0}
     gas = 2  # small_run_overrides: global 8 / micro 2 / ... set by the test below
@@ -253,7 +277,8 @@ def test_injected_nan_in_fp16_stops_once_the_loss_scale_is_at_its_minimum(tmp_pa
     only `nonfinite_patience` overflowing steps at the minimum scale stop the run."""
     extra = {"train.global_batch_size": 4, "train.micro_batch_size": 2, "train.train_iters": 12,
              "deepspeed.precision": "fp16", "deepspeed.initial_scale_power": 2, "train.nonfinite_patience": 2}
-    (r,) = run_distributed(_pretrain_with_nan, 1, small_run_overrides(tmp_path, data_cache, **extra), list(range(3, 13)))
+    (r,) = run_distributed(
+        _pretrain_with_nan, 1, small_run_overrides(tmp_path, data_cache, **extra), list(range(3, 13)), True)
     assert r["error"] is not None and "minimum fp16 loss scale 1" in r["error"], r
     step = int(r["error"].split("up to step ")[1].split(" ")[0])
     assert 5 <= step <= 10, r  # not at the first overflow: scale 4 -> 2 -> 1 (hysteresis 2) first

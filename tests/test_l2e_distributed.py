@@ -10,7 +10,6 @@ grads are averaged over micro-batches and DP like DeepSpeed. The reference is th
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -19,6 +18,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from l2e_dist.l2e import L2EConfig, L2EInhibitor
+from l2e_dist.parallel.collectives import CollectiveCounter
+from l2e_dist.parallel.launch_env import free_port
 
 F64 = torch.float64
 HIDDEN, WIDTH, GLOBAL_TOKENS, MICRO, STEPS, NF = 6, 8, 48, 2, 8, 3
@@ -47,7 +48,7 @@ def _rows(micro: int, dp: int, mb: int, dp_rank: int) -> slice:
 
 
 def _run(cfg: L2EConfig, *, dp: int, tp: int, dp_rank: int, tp_rank: int, micro: int, reduce_group=None,
-         tp_group=None, dp_group=None, count_calls: dict | None = None) -> list[dict]:
+         tp_group=None, dp_group=None, counter: CollectiveCounter | None = None) -> list[dict]:
     """Train STEPS steps of `micro` micro-batches; per step record the state, per micro-batch masks and outputs,
     the DP-averaged W grad slice, the metrics and the collectives the step issued."""
     inh = L2EInhibitor(cfg, list(LAYERS), WIDTH, tp_rank=tp_rank, tp_size=tp, reduce_group=reduce_group,
@@ -57,8 +58,8 @@ def _run(cfg: L2EConfig, *, dp: int, tp: int, dp_rank: int, tp_rank: int, micro:
     w = w0[:, cols].clone().requires_grad_()
     records = []
     for s in range(STEPS):
-        if count_calls is not None:
-            count_calls.clear()
+        if counter is not None:
+            counter.counts.clear()
         masks, outs = [], []
         for mb in range(micro):
             rows = _rows(micro, dp, mb, dp_rank)
@@ -79,7 +80,7 @@ def _run(cfg: L2EConfig, *, dp: int, tp: int, dp_rank: int, tp_rank: int, micro:
             dist.all_reduce(grad, group=dp_group)
             grad /= dp
         records.append({"state": inh.state_dict(), "masks": masks, "outs": outs, "grad": grad,
-                        "metrics": inh.metrics(), "calls": dict(count_calls) if count_calls is not None else None,
+                        "metrics": inh.metrics(), "calls": counter.ops() if counter is not None else None,
                         "engine_collectives": inh.collective_count})
         w.grad = None
     return records
@@ -120,25 +121,6 @@ def _compare(records: list[dict], ref: list[dict], cfg: L2EConfig, *, dp: int, t
     assert expected <= reported, f"{label}: metrics never reported: {expected - reported}"
 
 
-class _CollectiveCounter:
-    """Wraps torch.distributed collectives to count how often the engine calls each one."""
-
-    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter",
-             "reduce_scatter_tensor", "all_to_all", "barrier", "gather", "scatter", "reduce")
-
-    def __init__(self):
-        self.counts: dict[str, int] = {}
-        self.originals = {name: getattr(dist, name) for name in self.NAMES if hasattr(dist, name)}
-        for name, fn in self.originals.items():
-            setattr(dist, name, self._wrap(name, fn))
-
-    def _wrap(self, name, fn):
-        def wrapped(*args, **kwargs):
-            self.counts[name] = self.counts.get(name, 0) + 1
-            return fn(*args, **kwargs)
-        return wrapped
-
-
 def _cfg(method: str, reduction: str, fkr: bool) -> L2EConfig:
     cfg = L2EConfig(method=method, inhibit_ratio=0.1, topk=2, reg_lambda=1e-2, reduction=reduction,
                     forget_steps=2, late_start=2, fkr=fkr, num_features=NF if fkr else 0)
@@ -150,7 +132,7 @@ def _worker(rank: int, world: int, port: int) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    counter = _CollectiveCounter()
+    counter = CollectiveCounter().__enter__()
     try:
         for dp, tp in LAYOUTS:
             # Each layout runs on replicas of dp*tp consecutive ranks (DP=2 and TP=2 twice side by side on 4
@@ -171,7 +153,7 @@ def _worker(rank: int, world: int, port: int) -> None:
                 ref = _run(cfg, dp=1, tp=1, dp_rank=0, tp_rank=0, micro=1)
                 got = _run(cfg, dp=dp, tp=tp, dp_rank=dp_rank, tp_rank=tp_rank, micro=MICRO,
                            reduce_group=reduce_group, tp_group=tp_groups[dp_rank], dp_group=dp_groups[tp_rank],
-                           count_calls=counter.counts)
+                           counter=counter)
                 label = f"rank {rank} DP={dp} TP={tp} {method}/{reduction}"
                 _compare(got, ref, cfg, dp=dp, tp=tp, dp_rank=dp_rank, tp_rank=tp_rank, label=label)
                 for i, rec in enumerate(got):
@@ -185,13 +167,8 @@ def _worker(rank: int, world: int, port: int) -> None:
                         gathers = (0,) if tp == 1 else (0, 2 * MICRO * len(LAYERS))  # apply + selected_mask
                         assert rec["calls"].get("all_gather", 0) in gathers, f"{label} step {i}: {rec['calls']}"
     finally:
+        counter.__exit__(None, None, None)
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -200,4 +177,4 @@ def test_distributed_layouts_match_single_process():
     micro-batches per step, against one process taking each global batch at once."""
     os.environ["OMP_NUM_THREADS"] = "1"
     world = 4
-    mp.start_processes(_worker, args=(world, _free_port()), nprocs=world, start_method="spawn", join=True)
+    mp.start_processes(_worker, args=(world, free_port()), nprocs=world, start_method="spawn", join=True)

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from l2e_dist.checkpoint.io import list_checkpoints
+from l2e_dist.checkpoint.manifest import list_checkpoints
 from tests.conftest import pretrain_result, small_run_overrides
 from tests.distributed import run_distributed
 

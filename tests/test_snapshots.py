@@ -86,7 +86,7 @@ def runs(tmp_path_factory, data_cache) -> dict:
 
 
 def test_snapshots_survive_sigkill_and_resume_exactly_once(runs):
-    from l2e_dist.checkpoint.io import verify_checkpoint
+    from l2e_dist.checkpoint.manifest import verify_checkpoint
 
     run = runs["dp2_zero3"]
     assert {f"step{s}" for s in EXPECTED if s <= 8} <= set(runs["before_kill"])

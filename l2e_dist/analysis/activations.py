@@ -56,7 +56,7 @@ def load_gptneox(path: str | Path, dtype: torch.dtype = torch.float32, device: s
             raise ModelLoadError(f"cannot load HF model {path}: {exc}") from None
     elif path.exists():
         from l2e_dist.checkpoint.convert import load_as_hf_state_dict
-        from l2e_dist.checkpoint.io import CheckpointError
+        from l2e_dist.checkpoint.manifest import CheckpointError
 
         try:
             state, config = load_as_hf_state_dict(path)

@@ -34,6 +34,7 @@ from l2e_dist.analysis.monosemanticity import DEFAULT_EPS, DEFAULT_RATIOS, analy
 from l2e_dist.analysis.samples import LabelledTokens
 from l2e_dist.config_utils import ConfigError
 from l2e_dist.errors import UserError
+from l2e_dist.fileio import atomic_write_text
 from l2e_dist.l2e.config import L2EConfig
 
 REPORT_FORMAT = "l2e-analyze/1"
@@ -114,12 +115,6 @@ def analyze_model(label: str, path: str, sample: LabelledTokens, settings: Analy
             "seconds": round(time.perf_counter() - started, 3), "layers": results}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_analysis(models: list[tuple[str, str]], sample: LabelledTokens, settings: AnalyzeSettings,
                  out_dir: str | Path, *, scratch_dir: str | None = None, progress: bool = True) -> dict:
     """Analyse each (label, path) model on `sample`; write `analysis.json` and the figures into `out_dir`."""
@@ -146,5 +141,5 @@ def run_analysis(models: list[tuple[str, str]], sample: LabelledTokens, settings
                    for label, path in models],
     }
     report["figures"] = [p.name for p in plot_analysis(report, out)]
-    _atomic_write_text(out / "analysis.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
+    atomic_write_text(out / "analysis.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
     return report

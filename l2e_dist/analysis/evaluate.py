@@ -8,7 +8,6 @@ the harness's own task index is not scanned (faster start).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ from typing import Any
 import yaml
 
 from l2e_dist.errors import UserError
+from l2e_dist.fileio import atomic_write_json
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -146,7 +146,5 @@ def write_results(results: dict[str, Any], model_dir: str | Path, settings: Eval
         record["samples"] = results.get("samples")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, record, sort_keys=False, default=str)
     return record

@@ -1,7 +1,7 @@
 """Offline monosemanticity analysis of one layer's MLP neurons: MS scores, thresholds, FKR and K-S statistics.
 
 Pure numpy on a sample of activations `z[token, neuron]` with a feature label per token (-1 = unknown); the
-formulas are those of /work/shared/docs/l2e-method.md (sections 2 and 5), evaluated EXACTLY over the sample:
+formulas are those of docs/l2e-method.md (sections 2 and 5), evaluated EXACTLY over the sample:
 
 * Statistics: per-neuron mean and unbiased variance over every token of the sample, the textbook two-pass
   algorithm (mean, then the sum of squared deviations) with fp64 accumulation, in row chunks so `z` may be a

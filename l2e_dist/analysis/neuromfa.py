@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -45,6 +43,7 @@ from l2e_dist.analysis.neuromfa_network import (
     shortest_path_distances,
 )
 from l2e_dist.config_utils import ConfigError
+from l2e_dist.fileio import atomic_write
 
 REPORT_FORMAT = "l2e-neuromfa/1"
 _LOG = logging.getLogger(__name__)
@@ -196,7 +195,7 @@ def run_checkpoints(path: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of the models a run directory holds, by step: its snapshots (`snapshots/step<N>`, or the
     step<N> directories of an `l2e-convert to-hf --all` output); without any, its resume checkpoints
     (`checkpoints/global_step<N>`, with a warning: keep_last_n pruned the early ones). [] for a single model."""
-    from l2e_dist.checkpoint.io import list_checkpoints
+    from l2e_dist.checkpoint.manifest import list_checkpoints
     from l2e_dist.checkpoint.snapshots import is_model_directory, run_snapshots
 
     path = Path(path)
@@ -369,18 +368,6 @@ def analyse_run(
     }
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """write(tmp_path) then rename over `path`, so readers never see a partial file."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _step_axis(ax: Any, steps: np.ndarray) -> None:
     """Symlog step axis when checkpoints span several decades (Pythia's log-spaced early steps)."""
     positive = steps[steps > 0]
@@ -420,7 +407,7 @@ def plot_spectra(report: Mapping[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="training step")
     axes[0].set_ylabel(r"$f(\alpha)$")
-    _atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
 
 
 def plot_metrics(report: Mapping[str, Any], path: Path) -> None:
@@ -449,7 +436,7 @@ def plot_metrics(report: Mapping[str, Any], path: Path) -> None:
         _step_axis(ax, np.concatenate(all_steps))
     axes[2].axhline(0.0, color="0.5", lw=0.8)
     axes[0].legend()
-    _atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
@@ -495,7 +482,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, allow_nan=False)
-    _atomic_write(out / "neuromfa.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out / "neuromfa.json", lambda tmp: Path(tmp).write_text(text))
     plot_spectra(report, out / "spectra.png")
     plot_metrics(report, out / "metrics.png")
     return report

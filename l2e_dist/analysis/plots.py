@@ -7,13 +7,14 @@ Every function builds a `matplotlib.figure.Figure` (no pyplot global state), lab
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from l2e_dist.fileio import atomic_write
 
 Series = tuple[np.ndarray, np.ndarray]  # (steps, values)
 _L2E_TAG = re.compile(r"^(?:valid/)?l2e/layer(\d+)/(\w+)$")
@@ -32,10 +33,7 @@ _STYLES = ("-", "--", ":", "-.")
 def save_png(figure: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Write `figure` to `path` as PNG via a temporary file in the same directory."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    figure.savefig(tmp, format="png", dpi=dpi)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=dpi))
 
 
 def _grid(count: int, max_cols: int = 4, size: tuple[float, float] = (4.2, 3.2)) -> tuple[Figure, list]:

@@ -26,6 +26,12 @@ from typing import Any
 
 import torch
 
+from l2e_dist.checkpoint.compat import (
+    IMPORT_FORMAT,
+    VOCAB_ROW_TENSORS,
+    architecture_mismatch,
+    resize_vocab_rows,
+)
 from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
 from l2e_dist.checkpoint.hf import (
     from_hf_state_dict,
@@ -33,14 +39,17 @@ from l2e_dist.checkpoint.hf import (
     model_config_from_hf,
     to_hf_state_dict,
 )
-from l2e_dist.checkpoint.io import CheckpointError, find_resume_checkpoint, verify_checkpoint, write_manifest
+from l2e_dist.checkpoint.manifest import (
+    CheckpointError,
+    find_resume_checkpoint,
+    verify_checkpoint,
+    write_manifest,
+)
 from l2e_dist.config_utils import build
 from l2e_dist.model.config import ModelConfig
 from l2e_dist.model.tp_layout import partition_dim, split_tensor
 
-VOCAB_ROW_TENSORS = ("embed_in.weight", "embed_out.weight")
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-IMPORT_FORMAT = "l2e-dist-import/1"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 IMPORTED_TOKENIZER_DIR = "hf_tokenizer"  # an import keeps the HF tokenizer files here, for the way back
 
@@ -68,17 +77,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
         f"{path} is not a checkpoint: give a checkpoint directory (.../checkpoints/global_step1000), "
         "a checkpoints directory with a `latest` file, or a run output_dir"
     )
-
-
-def resize_vocab_rows(name: str, tensor: torch.Tensor, rows: int, real_vocab: int) -> torch.Tensor:
-    """Cut or zero-pad the padding rows of an embedding/output matrix to `rows` (never real-token rows)."""
-    if name not in VOCAB_ROW_TENSORS or tensor.shape[0] == rows:
-        return tensor
-    if rows < real_vocab:
-        raise CheckpointError(f"{name}: cannot shrink to {rows} rows, the vocabulary has {real_vocab} tokens")
-    if rows < tensor.shape[0]:
-        return tensor[:rows].clone()
-    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
 
 
 class WeightSource:
@@ -410,22 +408,6 @@ def _check_hf_import_source(path: Path) -> None:
         raise CheckpointError(
             f"{path} has a config.json but no weights ({', '.join(HF_WEIGHT_FILES)}): copy the weight files there"
         )
-
-
-def architecture(cfg: ModelConfig) -> dict[str, Any]:
-    """The fields that define the weights and the function (resolved: intermediate_size None = 4h)."""
-    return {
-        "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
-        "intermediate_size": cfg.ffn_size, "rotary_pct": cfg.rotary_pct, "rotary_base": cfg.rotary_base,
-        "layernorm_eps": cfg.layernorm_eps, "gelu_approximate": cfg.gelu_approximate,
-        "use_parallel_residual": cfg.use_parallel_residual,
-    }  # fmt: skip
-
-
-def architecture_mismatch(saved: ModelConfig, current: ModelConfig) -> str:
-    """'' when both configs describe the same architecture, else which fields differ."""
-    before, now = architecture(saved), architecture(current)
-    return ", ".join(f"model.{k}: checkpoint {before[k]!r}, config {now[k]!r}" for k in before if before[k] != now[k])
 
 
 def load_init_weights(model: torch.nn.Module, path: str | Path, tp_rank: int, tp_size: int) -> None:

@@ -30,11 +30,8 @@ DeepSpeed's loader see the files, and the pickle opcodes it executes are the one
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
-import re
 import shutil
 import socket
 import warnings
@@ -45,31 +42,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from l2e_dist.errors import UserError, environment_error_message
-
-_TAG = re.compile(r"^global_step(\d+)$")
-MANIFEST = "manifest.json"
-
-
-class CheckpointError(UserError, RuntimeError):
-    """No usable checkpoint, or one that cannot continue this run; the message says what to change."""
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+from l2e_dist.checkpoint.compat import IMPORT_FORMAT, architecture_mismatch
+from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
+from l2e_dist.checkpoint.manifest import (
+    CheckpointError,
+    list_checkpoints,
+    select_resume_checkpoint,
+    sync_and_hash_own_files,
+    write_manifest,
+)
+from l2e_dist.checkpoint.reshard import load_resharded
+from l2e_dist.config_utils import build
+from l2e_dist.errors import environment_error_message
+from l2e_dist.fileio import atomic_write_text, fsync_path
+from l2e_dist.model.config import ModelConfig
 
 
 def rng_state() -> dict[str, Any]:
@@ -104,190 +90,6 @@ def reseed_for_resume(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(derived)
     if torch.cuda.is_available():
         torch.cuda.manual_seed(derived)
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _checkpoint_files(ckpt: Path) -> list[Path]:
-    return [p for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST]
-
-
-def write_manifest(ckpt: Path, sha256: dict[str, str] | None = None, synced: bool = False) -> None:
-    """Record every file's size and sha256 so that a missing, truncated or corrupted shard is detected on load.
-    `sha256` (relative path -> digest) when already computed; `synced` when every file was already fsynced
-    by its writer (else it is fsynced here)."""
-    files, digests = {}, {}
-    for path in _checkpoint_files(ckpt):
-        rel = str(path.relative_to(ckpt))
-        if not synced:
-            fsync_path(path)
-        files[rel] = path.stat().st_size
-        digests[rel] = sha256[rel] if sha256 and rel in sha256 else file_sha256(path)
-    _atomic_write_text(ckpt / MANIFEST, json.dumps({"files": files, "sha256": digests}, indent=1))
-
-
-def _sync_and_hash_own_files(ckpt: Path) -> dict[str, str]:
-    """Collective: every rank fsyncs and hashes the files it wrote (on its own node, while they are in its page
-    cache); returns every file's sha256 on every rank."""
-    from l2e_dist.checkpoint.rank_files import RankPosition, files_of_rank, relative_files
-
-    mine = {}
-    for rel in files_of_rank(relative_files(ckpt, skip=(MANIFEST,)), RankPosition.current(), reading=False):
-        fsync_path(ckpt / rel)
-        mine[rel] = file_sha256(ckpt / rel)
-    shares: list[dict[str, str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, mine)
-    return {rel: digest for share in shares for rel, digest in (share or {}).items()}
-
-
-def _read_manifest(ckpt: Path) -> tuple[dict[str, int], dict[str, str]] | str:
-    manifest = ckpt / MANIFEST
-    if not manifest.is_file():
-        return f"{manifest} is missing (incomplete checkpoint)"
-    try:
-        record = json.loads(manifest.read_text())
-        return dict(record["files"]), dict(record.get("sha256", {}))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        return f"{manifest} is unreadable: {exc}"
-
-
-def verify_file(ckpt: Path, rel: str, size: int, digest: str | None, deep: bool) -> str | None:
-    """None when file `rel` has its recorded size (and, `deep`, its sha256, and as a .pt file loads with
-    weights_only=True), else what is wrong. The hash streams the file once into the page cache; the
-    memory-mapped weights_only load right after reads only its pickle, from that cache."""
-    path = ckpt / rel
-    if not path.is_file():
-        return f"{path} is missing"
-    if path.stat().st_size != size:
-        return f"{path} has {path.stat().st_size} bytes, expected {size} (truncated or corrupt)"
-    if not deep:
-        return None
-    if digest is not None and file_sha256(path) != digest:
-        return f"{path} does not match its sha256 in {MANIFEST} (corrupt: changed after it was saved)"
-    if rel.endswith(".pt"):
-        from l2e_dist.checkpoint.ds_files import CheckpointFormatError, safe_load
-
-        try:
-            safe_load(path)
-        except CheckpointFormatError as exc:
-            return str(exc)
-    return None
-
-
-def verify_checkpoint(ckpt: Path, deep: bool = False, only: list[str] | None = None) -> str | None:
-    """None when every file in the manifest exists with its recorded size (and, `deep`, its recorded sha256,
-    and every .pt file loads with weights_only=True), else what is wrong. `only`: deep-check just these files
-    (relative paths; the others' presence and size still)."""
-    record = _read_manifest(ckpt)
-    if isinstance(record, str):
-        return record
-    files, digests = record
-    for rel, size in files.items():
-        problem = verify_file(ckpt, rel, size, digests.get(rel), deep and (only is None or rel in only))
-        if problem is not None:
-            return problem
-    return None
-
-
-def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    if ckpt_dir.is_dir():
-        for p in ckpt_dir.iterdir():
-            m = _TAG.match(p.name)
-            if m and p.is_dir():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def _resume_candidates(ckpt_dir: Path) -> tuple[list[Path], Path | None]:
-    """Checkpoints to try, best first (the one `latest` names, then newest first), and that preferred one."""
-    latest_file = ckpt_dir / "latest"
-    preferred = None
-    if latest_file.is_file():
-        name = latest_file.read_text(errors="replace").strip()
-        preferred = ckpt_dir / name if _TAG.match(name) else None
-        if preferred is None:
-            warnings.warn(
-                f"{latest_file} is corrupt ({name[:40]!r}); looking for the newest intact checkpoint",
-                stacklevel=3,
-            )
-    order = ([preferred] if preferred is not None else []) + [
-        p for _, p in reversed(list_checkpoints(ckpt_dir)) if p != preferred
-    ]
-    return order, preferred
-
-
-def _no_intact_checkpoint(ckpt_dir: Path) -> CheckpointError:
-    return CheckpointError(
-        f"no intact checkpoint in {ckpt_dir}: every candidate failed verification (see warnings above); "
-        "delete the directory or set train.resume=false to start over"
-    )
-
-
-def _fallback_warning(preferred: Path | None, chosen: Path) -> None:
-    if preferred is not None and chosen != preferred:
-        warnings.warn(f"checkpoint {preferred.name} is unusable; falling back to {chosen.name}", stacklevel=3)
-
-
-def find_resume_checkpoint(ckpt_dir: Path, deep: bool = False) -> Path | None:
-    """The checkpoint to resume from (this process checks every file): the one `latest` names if it verifies,
-    else the newest one that does (with a warning). None when there is no checkpoint at all; raises if
-    checkpoints exist but none is intact. Distributed runs use `select_resume_checkpoint`."""
-    order, preferred = _resume_candidates(ckpt_dir)
-    for path in order:
-        problem = verify_checkpoint(path, deep) if path.is_dir() else f"{path} does not exist"
-        if problem is None:
-            _fallback_warning(preferred, path)
-            return path
-        warnings.warn(f"skipping checkpoint {path.name}: {problem}", stacklevel=2)
-    if order or (ckpt_dir / "latest").exists():
-        raise _no_intact_checkpoint(ckpt_dir)
-    return None
-
-
-def select_resume_checkpoint(ckpt_dir: Path) -> Path | None:
-    """Collective `find_resume_checkpoint(deep=True)`: rank 0 orders the candidates and checks sizes; then
-    every rank deep-verifies (sha256 + weights_only load) the files IT will read, all ranks in parallel, and
-    a candidate is taken only when every rank found its files intact. Same answer on every rank."""
-    from l2e_dist.checkpoint.rank_files import RankPosition, files_of_rank
-
-    rank = dist.get_rank()
-    shallow = None
-    if rank == 0:
-        order, preferred = _resume_candidates(ckpt_dir)
-        shallow = (
-            [(str(p), verify_checkpoint(p) if p.is_dir() else f"{p} does not exist") for p in order],
-            str(preferred) if preferred else None,
-            bool(order) or (ckpt_dir / "latest").exists(),
-        )
-    candidates, preferred, any_found = _from_rank0(shallow)
-    me = RankPosition.current()
-    for path_text, problem in candidates:
-        path = Path(path_text)
-        if problem is None:
-            record = _read_manifest(path)
-            if isinstance(record, str):
-                problem = record
-            else:
-                mine = files_of_rank(list(record[0]), me, reading=True)
-                problem = verify_checkpoint(path, deep=True, only=mine)
-            problems: list[str | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(problems, problem)
-            problem = next((p for p in problems if p is not None), None)
-        if problem is None:
-            if rank == 0:
-                _fallback_warning(Path(preferred) if preferred else None, path)
-            return path
-        if rank == 0:
-            warnings.warn(f"skipping checkpoint {path.name}: {problem}", stacklevel=2)
-    if any_found:
-        error = _no_intact_checkpoint(ckpt_dir)
-        error.agreed = True
-        raise error
-    return None
 
 
 def _optimizer_param_names(engine) -> list[list[str]] | None:
@@ -327,14 +129,14 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
             f"could not write checkpoint {tag} to {ckpt_dir}: {reason}; the previous checkpoints are intact"
         ) from exc
     dist.barrier()
-    sha256 = _sync_and_hash_own_files(tmp)
+    sha256 = sync_and_hash_own_files(tmp)
     if rank == 0:
         write_manifest(tmp, sha256, synced=True)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_path(ckpt_dir)
-        _atomic_write_text(ckpt_dir / "latest", tag)
+        atomic_write_text(ckpt_dir / "latest", tag)
         if keep_last_n > 0:
             for _, old in list_checkpoints(ckpt_dir)[:-keep_last_n]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -342,11 +144,29 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
     return final
 
 
+def state_bytes(roots: list[Any]) -> int:
+    """Bytes of the distinct tensor storages reachable from `roots` through lists, tuples and dicts."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    stack: list[tuple[Any, int]] = [(root, 0) for root in roots]
+    while stack:
+        obj, depth = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            key = (str(obj.device), storage.data_ptr())
+            if key not in seen and storage.nbytes():
+                seen.add(key)
+                total += storage.nbytes()
+        elif depth < 6 and isinstance(obj, (list, tuple)):
+            stack.extend((item, depth + 1) for item in obj)
+        elif depth < 6 and isinstance(obj, dict):
+            stack.extend((item, depth + 1) for item in obj.values())
+    return total
+
+
 def _bytes_to_write(engine) -> int:
     """About how many bytes this rank's share of a checkpoint takes: its optimizer state (ZeRO: its partition
     of the fp32 master weights and moments) plus, on the ranks that write it, the module's state."""
-    from l2e_dist.training.bench import state_bytes
-
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
     roots: list[Any] = [list(inner.state.values())]
     if inner is not engine.optimizer:
@@ -404,12 +224,6 @@ def load_checkpoint(engine, ckpt: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- resume
-def _from_rank0(value: Any) -> Any:
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def run_layout(engine) -> dict[str, Any]:
     """What must match for DeepSpeed's native load: TP, DP, ZeRO stage, precision, padded vocab."""
     from megatron.core import parallel_state
@@ -439,10 +253,6 @@ def checkpoint_layout(source) -> dict[str, Any]:
 def check_resumable(saved: dict, cfg) -> None:
     """Refuse, in one line, a resume that cannot continue the saved run: another architecture or vocabulary, or
     another global batch / sequence length (the data position and LR schedule are counted in steps of those)."""
-    from l2e_dist.checkpoint.convert import architecture_mismatch
-    from l2e_dist.config_utils import build
-    from l2e_dist.model.config import ModelConfig
-
     saved_model = build(ModelConfig, saved.get("model") or {}, "model")
     mismatch = architecture_mismatch(saved_model, cfg.model)
     if saved_model.vocab_size != cfg.model.vocab_size:
@@ -467,10 +277,6 @@ def check_resumable(saved: dict, cfg) -> None:
 def resume(engine, cfg, ckpt_dir: Path, inhibitor=None) -> int:
     """Restore the newest intact checkpoint under `ckpt_dir` into `engine` (and the L2E inhibitor), on the
     same layout or another one. Returns the step it was saved at, 0 when there is nothing to resume."""
-    from l2e_dist.checkpoint.convert import IMPORT_FORMAT
-    from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
-    from l2e_dist.checkpoint.reshard import load_resharded
-
     rank = dist.get_rank()
     ckpt = select_resume_checkpoint(ckpt_dir)
     if ckpt is None:

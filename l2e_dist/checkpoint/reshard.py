@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 
-from l2e_dist.checkpoint.convert import resize_vocab_rows
+from l2e_dist.checkpoint.compat import resize_vocab_rows
 from l2e_dist.checkpoint.ds_files import OPTIMIZER_KINDS, DeepSpeedCheckpoint
 from l2e_dist.errors import UserError
 from l2e_dist.model.tp_layout import split_tensor

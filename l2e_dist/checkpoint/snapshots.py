@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from l2e_dist.checkpoint.io import CheckpointError, file_sha256, fsync_path, verify_checkpoint, write_manifest
+from l2e_dist.checkpoint.convert import export_hf, is_hf_directory
+from l2e_dist.checkpoint.manifest import CheckpointError, file_sha256, verify_checkpoint, write_manifest
+from l2e_dist.fileio import fsync_path
 
 SNAPSHOT_DIR = "snapshots"
 SNAPSHOT_FORMAT = "l2e-dist-snapshot/1"
@@ -158,8 +160,6 @@ def export_snapshots_hf(run_dir: str | Path, out_dir: str | Path, max_shard_byte
     written into a temporary directory and renamed into place, so a killed export never leaves a partial
     step<N>. A snapshot failing verification (sizes, sha256, safe loading) is not exported; the others are,
     then CheckpointError names the damaged ones and what is wrong with them."""
-    from l2e_dist.checkpoint.convert import export_hf, is_hf_directory
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     snapshots = list_snapshots(run_dir)
     if not snapshots:

@@ -31,13 +31,13 @@ from l2e_dist.config_utils import ConfigError
 from l2e_dist.data.config import DataConfig, parse_split
 from l2e_dist.data.indexed import (
     DataFileError,
-    atomic_save_npy,
     check_index,
     open_indexed,
     read_labels,
     read_meta,
 )
 from l2e_dist.data.tokenizer import TextTokenizer
+from l2e_dist.fileio import atomic_save_npy
 
 INDEX_VERSION = 1  # bump when the packing/blending recipe changes
 SPLIT_NAMES = ("train", "valid", "test")

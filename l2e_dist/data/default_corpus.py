@@ -19,8 +19,9 @@ import warnings
 
 import numpy as np
 
-from l2e_dist.data.indexed import atomic_write_json, write_labels
+from l2e_dist.data.indexed import write_labels
 from l2e_dist.data.tokenizer import TextTokenizer, train_sentencepiece
+from l2e_dist.fileio import atomic_write_json
 
 BUILD_VERSION = 2  # bump when the recipe below changes, so old caches are not reused
 VOCAB_SIZE = 3000

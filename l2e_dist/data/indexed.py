@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from l2e_dist.errors import UserError
+from l2e_dist.fileio import atomic_save_npy, atomic_write_json
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 HEADER_BYTES = 34
@@ -48,25 +49,6 @@ def dtype_for_vocab(vocab_size: int, requested: str = "auto") -> type[np.integer
             "use --dtype int32 or --dtype auto"
         )
     return dtype
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str, obj: object) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def atomic_save_npy(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ import numpy as np
 
 from l2e_dist.data.indexed import (
     DataFileError,
-    atomic_write_json,
     check_index,
     dtype_for_vocab,
     read_labels,
@@ -45,6 +44,7 @@ from l2e_dist.data.indexed import (
 from l2e_dist.data.sources import Batch, SourceSpec, dotted_get, iter_batches
 from l2e_dist.data.tokenizer import TextTokenizer, train_sentencepiece
 from l2e_dist.errors import UserError
+from l2e_dist.fileio import atomic_write_json
 
 FORMAT = "l2e-dist-data/1"
 KILL_HOOK_ENV = "L2E_PREPARE_TEST_KILL_AFTER_DOCS"

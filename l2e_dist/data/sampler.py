@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from l2e_dist.data.indexed import atomic_save_npy
+from l2e_dist.fileio import atomic_save_npy
 
 ORDER_VERSION = 1
 

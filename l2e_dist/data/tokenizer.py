@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable, Iterator
 
 from l2e_dist.errors import UserError
+from l2e_dist.fileio import atomic_write_bytes
 
 # Names used for the end-of-document token by common HF tokenizers, tried in this order.
 EOD_TOKEN_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
@@ -162,7 +163,4 @@ def train_sentencepiece(
         raise TokenizerError(f"SentencePiece training failed: {exc}") from None
     directory = os.path.dirname(os.path.abspath(model_path))
     os.makedirs(directory, exist_ok=True)
-    tmp = f"{model_path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as stream:
-        stream.write(buffer.getvalue())
-    os.replace(tmp, model_path)
+    atomic_write_bytes(model_path, buffer.getvalue())

@@ -3,8 +3,6 @@ one panel per inhibition method side by side (same seeds)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from l2e_dist.fileio import atomic_write  # noqa: E402
 
 AXIS_LETTER = {"time": "T", "data": "D", "width": "N"}
 
@@ -39,7 +39,7 @@ def plot_axis(axis: str, data: dict[str, Any], path: Path) -> None:
     panels[0][-1].legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png.tmp", delete=False) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(tmp.name, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)

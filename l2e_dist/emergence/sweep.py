@@ -3,11 +3,9 @@ then the skill-basis model is fitted on skill 1 per axis and method, and JSON pl
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from l2e_dist.emergence.plots import plot_axis
 from l2e_dist.emergence.skill_model import Axis, crossing_point, fit_theta, predict
 from l2e_dist.emergence.tasks import SparseParityTasks
 from l2e_dist.emergence.train import RunRecord, RunSpec, train_run
+from l2e_dist.fileio import atomic_write_json
 
 X_LABELS = {"time": "step T", "data": "training set size D", "width": "hidden width N"}
 
@@ -187,13 +186,6 @@ def format_emergence_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(payload, tmp, indent=1)
-    os.replace(tmp.name, path)
-
-
 def run_sweep(cfg: EmergenceConfig, log: bool = True) -> dict[str, Any]:
     """Run the sweep, write `<output_dir>/emergence.json` (and figures) and return the summary."""
     start = time.perf_counter()
@@ -216,5 +208,5 @@ def run_sweep(cfg: EmergenceConfig, log: bool = True) -> dict[str, Any]:
             path = out_dir / f"emergence_{axis}.png"
             plot_axis(axis, data, path)
             summary["figures"].append(str(path))
-    write_json_atomic(out_dir / "emergence.json", summary)
+    atomic_write_json(out_dir / "emergence.json", summary, sort_keys=False)
     return summary

@@ -1,4 +1,4 @@
-"""The `l2e:` section of the run config (see /work/shared/docs/l2e-method.md for the method).
+"""The `l2e:` section of the run config (see docs/l2e-method.md for the method).
 
 Defaults follow the L2E paper (Mid-2 layers, p = 2%, lambda = 1e-9, n_f = 10, eps = 0.01); choices the papers
 leave open are ours and documented on the fields below.

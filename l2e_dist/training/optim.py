@@ -7,7 +7,7 @@ import math
 import torch
 
 from l2e_dist.config import RunConfig
-from l2e_dist.config_utils import deep_merge
+from l2e_dist.config_utils import ConfigError, deep_merge
 
 
 def lr_multiplier(step: int, cfg: RunConfig) -> float:
@@ -107,6 +107,23 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
     return deep_merge(config, ds.extra)
 
 
+def check_precision_supported(precision: str) -> None:
+    """A ConfigError naming `deepspeed.precision` when this device has no fp16/bf16 support (DeepSpeed's own
+    check raises a bare ValueError deep inside initialize). On CPU, fp16 needs oneDNN fp16 kernels
+    (AVX512-FP16/AMX-FP16), which many CPUs lack; GPUs before Ampere lack bf16."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = {"fp32": True, "fp16": accelerator.is_fp16_supported, "bf16": accelerator.is_bf16_supported}[precision]
+    if supported is not True and not supported():
+        other = "bf16" if precision == "fp16" and accelerator.is_bf16_supported() else "fp32"
+        raise ConfigError(
+            "deepspeed.precision",
+            f"{precision} is not supported on this device ({accelerator.device_name()}: DeepSpeed's accelerator "
+            f"reports no {precision}); set deepspeed.precision={other}, or run on a device with {precision} support",
+        )
+
+
 def initialize_engine(model: torch.nn.Module, cfg: RunConfig, dp_size: int):
     """The DeepSpeed engine over `model` with our AdamW and schedule (the trainer's and `l2e-bench`'s).
 
@@ -118,6 +135,7 @@ def initialize_engine(model: torch.nn.Module, cfg: RunConfig, dp_size: int):
 
     from l2e_dist.parallel.state import DeepSpeedMpu
 
+    check_precision_supported(cfg.deepspeed.precision)
     optimizer = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model,

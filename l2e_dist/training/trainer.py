@@ -89,9 +89,11 @@ def resolve_vocab_size(cfg: RunConfig, datasets) -> None:
         )
 
 
-def _build_inhibitor(
-    cfg: RunConfig, model: GPTNeoX, layout: ParallelLayout, gas: int, device
+def build_inhibitor(
+    cfg: RunConfig, model: GPTNeoX, layout: ParallelLayout, gas: int, device, always_reduce: bool = False
 ) -> L2EInhibitor | None:
+    """The L2E inhibitor hooked on `model`'s chosen MLP layers (None for method none). A world of 1 skips the
+    statistics all_reduce, unless `always_reduce` (l2e-bench: so its cost is in the figures as at scale)."""
     if cfg.l2e.method == "none":
         return None
     layers = cfg.l2e.resolve_layers(cfg.model.num_layers)
@@ -101,7 +103,7 @@ def _build_inhibitor(
         cfg.model.ffn_size,
         tp_rank=layout.tp_rank,
         tp_size=layout.tp_size,
-        reduce_group=tensor_and_data_parallel_group() if layout.world_size > 1 else None,
+        reduce_group=tensor_and_data_parallel_group() if layout.world_size > 1 or always_reduce else None,
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         dp_size=layout.dp_size,
         micro_batches_per_step=gas,
@@ -206,7 +208,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     model.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.compile:
         model.compile_layers()
-    inhibitor = _build_inhibitor(cfg, model, layout, gas, device)
+    inhibitor = build_inhibitor(cfg, model, layout, gas, device)
     engine = initialize_engine(model, cfg, dp_size)
 
     watchdog = start_watchdog(cfg.parallel.watchdog_timeout_s) if cfg.parallel.watchdog_timeout_s else None

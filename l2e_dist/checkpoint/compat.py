@@ -1,0 +1,42 @@
+"""Whether saved weights fit a model config: the architecture fields that must match, the vocabulary rows that may
+be cut or padded, and the format tag of imported (HF -> ours) checkpoints. Used by resume, resharding and
+conversion alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from l2e_dist.checkpoint.manifest import CheckpointError
+from l2e_dist.model.config import ModelConfig
+
+VOCAB_ROW_TENSORS = ("embed_in.weight", "embed_out.weight")
+IMPORT_FORMAT = "l2e-dist-import/1"
+
+
+def resize_vocab_rows(name: str, tensor: torch.Tensor, rows: int, real_vocab: int) -> torch.Tensor:
+    """Cut or zero-pad the padding rows of an embedding/output matrix to `rows` (never real-token rows)."""
+    if name not in VOCAB_ROW_TENSORS or tensor.shape[0] == rows:
+        return tensor
+    if rows < real_vocab:
+        raise CheckpointError(f"{name}: cannot shrink to {rows} rows, the vocabulary has {real_vocab} tokens")
+    if rows < tensor.shape[0]:
+        return tensor[:rows].clone()
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
+
+
+def architecture(cfg: ModelConfig) -> dict[str, Any]:
+    """The fields that define the weights and the function (resolved: intermediate_size None = 4h)."""
+    return {
+        "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
+        "intermediate_size": cfg.ffn_size, "rotary_pct": cfg.rotary_pct, "rotary_base": cfg.rotary_base,
+        "layernorm_eps": cfg.layernorm_eps, "gelu_approximate": cfg.gelu_approximate,
+        "use_parallel_residual": cfg.use_parallel_residual,
+    }  # fmt: skip
+
+
+def architecture_mismatch(saved: ModelConfig, current: ModelConfig) -> str:
+    """'' when both configs describe the same architecture, else which fields differ."""
+    before, now = architecture(saved), architecture(current)
+    return ", ".join(f"model.{k}: checkpoint {before[k]!r}, config {now[k]!r}" for k in before if before[k] != now[k])
