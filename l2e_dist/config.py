@@ -16,6 +16,7 @@ from l2e_dist.config_utils import ConfigError, apply_override, build, deep_merge
 from l2e_dist.data.config import DataConfig
 from l2e_dist.l2e.config import L2EConfig
 from l2e_dist.model.config import ModelConfig
+from l2e_dist.parallel.batching import BatchSplitError, accumulation_steps
 
 # Seconds the watchdog needs after its timeout to find and name the silent rank (store probe, grace period).
 WATCHDOG_REPORT_S = 30.0
@@ -100,6 +101,30 @@ class DeepSpeedConfig:
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        for dotted, owner in COMPUTED_DEEPSPEED_KEYS.items():
+            section, _, key = dotted.rpartition(".")
+            holder = self.extra.get(section) if section else self.extra
+            if isinstance(holder, dict) and key in holder:
+                raise ConfigError(
+                    f"extra.{dotted}", f"is computed from {owner} (an override here would silently contradict it): "
+                    f"remove it and set {owner} instead"
+                )
+
+
+# DeepSpeed config keys the trainer derives from the run config; `deepspeed.extra` may not set them.
+COMPUTED_DEEPSPEED_KEYS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / (train.micro_batch_size x data-parallel size)",
+    "gradient_clipping": "optimizer.grad_clip",
+    "optimizer": "the optimizer section (l2e-dist builds the optimizer)",
+    "scheduler": "the optimizer section (l2e-dist builds the LR schedule)",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "fp16.enabled": "deepspeed.precision",
+    "bf16.enabled": "deepspeed.precision",
+    "fp16.initial_scale_power": "deepspeed.initial_scale_power",
+    "fp16.loss_scale_window": "deepspeed.loss_scale_window",
+}
 
 
 @dataclass
@@ -276,13 +301,10 @@ def validate_world(cfg: RunConfig, world_size: int) -> int:
             f"world size {world_size} is not divisible by TP={tp}: launch a multiple of {tp} processes",
         )
     dp = world_size // tp
-    per_step = cfg.train.micro_batch_size * dp
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(
-            "train.global_batch_size",
-            f"{cfg.train.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
-            f"({cfg.train.micro_batch_size} x {dp} = {per_step}); change train.global_batch_size or the launch",
-        )
+    try:
+        accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, dp)
+    except BatchSplitError as exc:
+        raise ConfigError("train.global_batch_size", f"{exc}; change train.global_batch_size or the launch") from None
     return dp
 
 

@@ -32,6 +32,8 @@ CASES = [
     (["data.paths=[corpus.bin]"], "data.paths[0]", "prefix without extension"),
     (["data.split=90,10"], "data.split", "train,valid,test"),
     (["train.seed"], "train.seed", "key.sub=value"),
+    (["deepspeed.extra={train_batch_size: 8}"], "deepspeed.extra.train_batch_size", "computed from train.global_batch"),
+    (["deepspeed.extra.zero_optimization.stage=3"], "deepspeed.extra.zero_optimization.stage", "deepspeed.zero_stage"),
 ]
 
 

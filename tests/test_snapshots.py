@@ -130,6 +130,13 @@ def test_step0_is_the_initialization_and_last_snapshot_the_last_checkpoint(layou
     step0 = DeepSpeedCheckpoint(snapshots / "step0")
     assert step0.client_state["step"] == 0 and step0.tp_size == (2 if layout == "tp2_zero1" else 1)
     config = step0.client_state["config"]
+    tp = 2 if layout == "tp2_zero1" else 1
+    resolved = step0.client_state["resolved"]  # what the launch derived, next to the config that asked for it
+    assert resolved["world_size"] == 2 and (resolved["tensor_parallel"], resolved["data_parallel"]) == (tp, 2 // tp)
+    assert resolved["zero_stage"] == (0 if tp == 2 else 3)  # fp32 ZeRO-1 at DP=1 runs as stage 0
+    assert resolved["vocab_size"] == config["model"]["vocab_size"]
+    assert resolved["grad_accum_steps"] * config["train"]["micro_batch_size"] * (2 // tp) == config["train"][
+        "global_batch_size"]
     reference = run_distributed(_init_weights, 1, config["model"], config["train"]["seed"])[0]
     assert sorted(step0.names) == sorted(reference)
     for name, tensor in reference.items():

@@ -98,6 +98,27 @@ def test_no_import_circle_among_the_project_modules():
     assert _cycles(graph) == []
 
 
+# docs/architecture.md's layer table: a package may import only packages of a lower layer.
+LAYERS = {
+    "errors": 0, "fileio": 0, "config_utils": 1, "parallel": 2, "model": 2, "l2e": 2, "data": 3, "config": 4,
+    "checkpoint": 5, "training": 6, "bench": 7, "analysis": 7, "emergence": 7, "launcher": 8,
+}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return "launcher" if parts[0] == "launcher" else parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_imports_follow_the_layers_of_docs_architecture():
+    upward = sorted(
+        f"{name} -> {target}" for name, targets in _graph().items() for target in targets
+        if _package(name) != _package(target) and LAYERS[_package(target)] >= LAYERS[_package(name)]
+    )
+    assert not upward, upward
+    assert set(LAYERS) >= {_package(m) for m in _sources() if m != "l2e_dist"}  # every package has a layer
+
+
 def test_the_l2e_engine_knows_nothing_of_deepspeed_or_the_trainer():
     graph = _graph()
     for name, targets in graph.items():

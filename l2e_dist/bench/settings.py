@@ -10,6 +10,7 @@ import torch.distributed as dist
 from l2e_dist.config import RunConfig, load_config
 from l2e_dist.config_utils import ConfigError
 from l2e_dist.data.default_corpus import VOCAB_SIZE
+from l2e_dist.parallel.batching import accumulation_steps
 from l2e_dist.parallel.state import default_device, init_process_groups
 
 OUR_METHODS = ("none", "l2e", "memel")
@@ -89,7 +90,7 @@ def warmup_steps(cfg: RunConfig, settings: BenchSettings) -> int:
 
 
 def token_batches(cfg: RunConfig, count: int, device: torch.device) -> torch.Tensor:
-    gas = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    gas = accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, 1)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     shape = (count, gas, cfg.train.micro_batch_size, cfg.train.seq_length + 1)
     return torch.randint(0, cfg.model.vocab_size, shape, generator=generator).to(device)

@@ -12,6 +12,7 @@ import torch
 from l2e_dist.checkpoint.hf import hf_config, to_hf_state_dict
 from l2e_dist.config import RunConfig
 from l2e_dist.model.gpt_neox import GPTNeoX
+from l2e_dist.parallel.batching import accumulation_steps
 from l2e_dist.parallel.state import current_layout
 from l2e_dist.training.optim import build_optimizer, build_scheduler, initialize_engine
 from l2e_dist.training.trainer import build_inhibitor, end_l2e_step, seed_everything, train_micro_batch
@@ -39,7 +40,7 @@ def initial_weights(cfg: RunConfig) -> dict[str, torch.Tensor]:
 def build_ours(cfg: RunConfig, device: torch.device) -> Variant:
     """Our step as the trainer builds it (model, L2E inhibitor, DeepSpeed engine), minus data and logging."""
     layout = current_layout()
-    gas = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    gas = accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, 1)
     seed_everything(cfg.train.seed)
     model = GPTNeoX(cfg.model)
     if cfg.train.compile:
@@ -78,7 +79,7 @@ def build_hf(cfg: RunConfig, device: torch.device, weights: dict) -> Variant:
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    gas = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    gas = accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, 1)
     clip = cfg.optimizer.grad_clip
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16")
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

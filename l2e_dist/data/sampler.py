@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from l2e_dist.fileio import atomic_save_npy
+from l2e_dist.parallel.batching import accumulation_steps
 
 ORDER_VERSION = 1
 
@@ -77,14 +78,8 @@ def global_batch_iterator(
     `order_dir` defaults to the dataset's `index_dir` (datasets from build_datasets have one). Datasets with
     `in_file_order = True` are read in file order (no permutation, no order files).
     """
+    gas = accumulation_steps(global_batch_size, micro_batch_size, dp_size)
     per_micro_step = micro_batch_size * dp_size
-    if micro_batch_size < 1 or dp_size < 1 or global_batch_size < 1:
-        raise ValueError("global_batch_size, micro_batch_size and dp_size must be positive")
-    if global_batch_size % per_micro_step != 0:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} is not divisible by micro_batch_size*dp_size="
-            f"{micro_batch_size}*{dp_size}={per_micro_step}: choose a global batch that is a multiple of it"
-        )
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} out of range for dp_size={dp_size}")
     if start_step < 0:
@@ -97,7 +92,6 @@ def global_batch_iterator(
         order_dir = getattr(dataset, "index_dir", None)
         if order_dir is None:
             raise ValueError("this dataset has no index_dir: pass order_dir= (where the sample order is stored)")
-    gas = global_batch_size // per_micro_step
     step = start_step
     while True:
         indices = global_batch_indices(num_samples, global_batch_size, step, seed, order_dir, in_file_order)

@@ -6,26 +6,26 @@ from __future__ import annotations
 from l2e_dist.config import RunConfig, validate_world
 from l2e_dist.errors import UserError
 from l2e_dist.training.memory import GIB, MemoryEstimate, estimate_memory
-from l2e_dist.training.optim import effective_zero_stage
 
 
 def dry_run(cfg: RunConfig, gpu_mem_gib: float | None = None) -> MemoryEstimate:
     """Collective (launch it as the real run). Raises a UserError (one line, every rank) on any problem,
     including an estimate above `gpu_mem_gib`; returns the estimate of one rank."""
     from l2e_dist.parallel.state import init_process_groups
-    from l2e_dist.training.trainer import _prepare_data, resolve_vocab_size
+    from l2e_dist.training.resolved import resolve_run
+    from l2e_dist.training.trainer import _prepare_data
 
     layout = init_process_groups(cfg.parallel.tensor_parallel, cfg.parallel.dist_timeout_s)
-    dp = validate_world(cfg, layout.world_size)
+    validate_world(cfg, layout.world_size)
     datasets = _prepare_data(cfg, layout)
-    resolve_vocab_size(cfg, datasets)
-    stage = effective_zero_stage(cfg, dp)
+    run = resolve_run(cfg, layout.world_size, datasets)
+    cfg, dp, stage = run.config, run.derived.data_parallel, run.derived.zero_stage
     estimate = estimate_memory(
         cfg.model, layout.tp_size, dp, stage, cfg.deepspeed.precision, cfg.train.micro_batch_size,
         cfg.train.seq_length, cfg.train.activation_checkpointing,
     )
     if layout.rank == 0:
-        gas = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+        gas = run.derived.grad_accum_steps
         print(
             f"l2e-pretrain: dry run OK: world={layout.world_size} tp={layout.tp_size} dp={dp} zero={stage} "
             f"precision={cfg.deepspeed.precision} micro_batch={cfg.train.micro_batch_size} gas={gas} "

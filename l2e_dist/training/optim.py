@@ -8,6 +8,7 @@ import torch
 
 from l2e_dist.config import RunConfig
 from l2e_dist.config_utils import ConfigError, deep_merge
+from l2e_dist.parallel.batching import accumulation_steps
 
 
 def lr_multiplier(step: int, cfg: RunConfig) -> float:
@@ -81,7 +82,7 @@ def effective_zero_stage(cfg: RunConfig, dp_size: int) -> int:
 def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
     """The DeepSpeed JSON config. Batch sizes are given per data-parallel rank; `deepspeed.extra` wins."""
     train, ds = cfg.train, cfg.deepspeed
-    gas = train.global_batch_size // (train.micro_batch_size * dp_size)
+    gas = accumulation_steps(train.global_batch_size, train.micro_batch_size, dp_size)
     config = {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,

@@ -22,7 +22,6 @@ from l2e_dist.checkpoint.convert import load_init_weights
 from l2e_dist.checkpoint.io import resume, save_checkpoint
 from l2e_dist.checkpoint.snapshots import SNAPSHOT_DIR, save_snapshot
 from l2e_dist.config import RunConfig, config_to_dict, validate_world
-from l2e_dist.config_utils import ConfigError
 from l2e_dist.data import build_datasets, prepare_default_corpus
 from l2e_dist.l2e.hooks import ScoreMeter
 from l2e_dist.l2e.hooks import attach as attach_l2e
@@ -41,6 +40,7 @@ from l2e_dist.training.numerics import NonFiniteGuard, disable_deepspeed_min_sca
 from l2e_dist.training.optim import effective_zero_stage, initialize_engine
 from l2e_dist.training.preemption import PreemptionHandler, start_watchdog
 from l2e_dist.training.prefetch import prefetch_to_device
+from l2e_dist.training.resolved import ResolvedRun, resolve_run
 from l2e_dist.training.run_data import check_run_data, first_step, run_batches
 from l2e_dist.training.throughput import TrainingClock, device_peak_tflops, mfu
 
@@ -76,17 +76,6 @@ def _prepare_data(cfg: RunConfig, layout: ParallelLayout):
         return build_datasets(cfg.data, cfg.train.seq_length, cfg.train.seed)
 
     return rank0_first(build)
-
-
-def resolve_vocab_size(cfg: RunConfig, datasets) -> None:
-    """model.vocab_size from the tokenizer when null; refused when smaller than the tokenizer's."""
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = datasets.vocab_size
-    elif cfg.model.vocab_size < datasets.vocab_size:
-        raise ConfigError(
-            "model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's {datasets.vocab_size}: "
-            "set it to null or at least the tokenizer vocabulary"
-        )
 
 
 def build_inhibitor(
@@ -187,20 +176,13 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     if threading.current_thread() is threading.main_thread():
         preempt.install()  # first: a signal before this would kill the process without a checkpoint
     layout = init_process_groups(cfg.parallel.tensor_parallel, cfg.parallel.dist_timeout_s, cfg.parallel.device)
-    dp_size = validate_world(cfg, layout.world_size)
-    gas = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
+    validate_world(cfg, layout.world_size)  # before the data: a wrong launch fails at once
     device = default_device()
     seed_everything(cfg.train.seed)
 
     datasets = _prepare_data(cfg, layout)
-    if cfg.l2e.fkr and cfg.l2e.num_features == 0:
-        if not datasets.feature_names:
-            raise ConfigError(
-                "l2e.fkr", "needs feature labels, but the data has none (no <prefix>.labels.npy from l2e-prepare-data "
-                "--label-field, or data.labels=false): set l2e.fkr=false or prepare the data with labels"
-            )
-        cfg.l2e.num_features = len(datasets.feature_names)
-    resolve_vocab_size(cfg, datasets)
+    run = resolve_run(cfg, layout.world_size, datasets)  # the caller's cfg stays as given
+    cfg, dp_size, gas = run.config, run.derived.data_parallel, run.derived.grad_accum_steps
     check_run_data(cfg, datasets)  # file-order data ends; an init_from checkpoint's vocabulary
 
     seed_everything(cfg.train.seed)  # identical init on every rank and every TP size
@@ -223,7 +205,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     snapshot_steps = set(cfg.train.snapshot_steps())
     if start_step == 0 and 0 in snapshot_steps:  # the initialization, before the first update
         with _slow_phase(watchdog, cfg, 0, "snapshot"):
-            _snapshot(engine, inhibitor, out_dir, 0, cfg, resumed=False)
+            _snapshot(engine, inhibitor, out_dir, 0, run, resumed=False)
     is_rank0 = layout.rank == 0
     logger = MetricsLogger(
         str(out_dir),
@@ -320,11 +302,11 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         stop = preempt.should_stop(step=step) and step < cfg.train.train_iters
         if step in snapshot_steps:  # before this step's resume checkpoint: a resume never skips a snapshot
             with _slow_phase(watchdog, cfg, step, "snapshot"), clock.paused():
-                _snapshot(engine, inhibitor, out_dir, step, cfg, resumed=resumed_step > 0)
+                _snapshot(engine, inhibitor, out_dir, step, run, resumed=resumed_step > 0)
         if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or stop:
             if step != cfg.train.train_iters:
                 with _slow_phase(watchdog, cfg, step, "checkpoint"), clock.paused():
-                    _save(engine, inhibitor, ckpt_dir, step, cfg)
+                    _save(engine, inhibitor, ckpt_dir, step, run)
         if stop:
             requeued = preempt.requeue()
             if is_rank0:
@@ -337,7 +319,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
 
     if step > start_step and step == cfg.train.train_iters:
         with _slow_phase(watchdog, cfg, step, "checkpoint"):
-            _save(engine, inhibitor, ckpt_dir, step, cfg)
+            _save(engine, inhibitor, ckpt_dir, step, run)
     if watchdog is not None:
         watchdog.stop()
     final_loss = losses[-1] if losses else float("nan")
@@ -404,20 +386,21 @@ def _slow_phase(watchdog, cfg: RunConfig, step: int, phase: str):
         set_collective_timeout(cfg.parallel.dist_timeout_s)
 
 
-def _client_state(inhibitor, step: int, cfg: RunConfig) -> dict:
+def _client_state(inhibitor, step: int, run: ResolvedRun) -> dict:
     client_state = {
         "step": step,
-        "consumed_samples": step * cfg.train.global_batch_size,
-        "config": config_to_dict(cfg),
+        "consumed_samples": step * run.config.train.global_batch_size,
+        "config": config_to_dict(run.config),
+        "resolved": run.record(),
     }
     if inhibitor is not None:
         client_state["l2e"] = inhibitor.state_dict()
     return client_state
 
 
-def _save(engine, inhibitor, ckpt_dir: Path, step: int, cfg: RunConfig) -> None:
-    save_checkpoint(engine, ckpt_dir, step, _client_state(inhibitor, step, cfg), cfg.train.keep_last_n)
+def _save(engine, inhibitor, ckpt_dir: Path, step: int, run: ResolvedRun) -> None:
+    save_checkpoint(engine, ckpt_dir, step, _client_state(inhibitor, step, run), run.config.train.keep_last_n)
 
 
-def _snapshot(engine, inhibitor, out_dir: Path, step: int, cfg: RunConfig, resumed: bool) -> None:
-    save_snapshot(engine, out_dir / SNAPSHOT_DIR, step, _client_state(inhibitor, step, cfg), keep_existing=resumed)
+def _snapshot(engine, inhibitor, out_dir: Path, step: int, run: ResolvedRun, resumed: bool) -> None:
+    save_snapshot(engine, out_dir / SNAPSHOT_DIR, step, _client_state(inhibitor, step, run), keep_existing=resumed)
