@@ -3,8 +3,9 @@
 The engine knows nothing of DeepSpeed or megatron: it is handed one layer's activation tensor at a time
 (`apply`) and torch.distributed process groups, and the trainer tells it where an optimizer step ends
 (`end_step`). What one step is, and every design choice, is written down in docs/l2e-method.md ("One step of
-the engine"); the pieces live in statistics.py (moments and their merge), threshold.py (tau), regularizer.py
-(regularizer and reverse deactivation), fkr.py (online FKR) and reduction.py (the fused buffer and all_reduce).
+the engine"); the pieces live in statistics.py (moments and their merge), merge.py (one layer's step
+boundary), threshold.py (tau), selection.py (which pairs), regularizer.py (regularizer and reverse
+deactivation), fkr.py (online FKR) and reduction.py (the fused buffer and all_reduce).
 
 Call order per optimizer step: for each micro-batch `apply` (via the forward hooks) -> loss +
 `regularization_loss()` -> backward -> `finish_micro_batch()`; after the optimizer step `end_step(applied)`.
@@ -20,7 +21,19 @@ from torch import Tensor
 from l2e_dist.errors import UserError
 from l2e_dist.l2e import fkr, reduction
 from l2e_dist.l2e.config import L2EConfig
-from l2e_dist.l2e.reduction import COUNT, FKR_DEN, FKR_NUM, N_HI, N_LO, N_SEL, NUM_SCALARS, REG, SCORE, Slots
+from l2e_dist.l2e.merge import (
+    M_FKR_DEN,
+    M_FKR_NUM,
+    M_REG,
+    M_REG_STEPS,
+    M_SCORE,
+    M_SCORE_ELEMS,
+    M_SEL,
+    M_SEL_ELEMS,
+    NUM_METRICS,
+    merge_layer,
+)
+from l2e_dist.l2e.reduction import COUNT, N_HI, N_LO, N_SEL, REG, SCORE, Slots
 from l2e_dist.l2e.regularizer import (
     CompactSelectedLogSquare,
     DenseSelectedLogSquare,
@@ -30,12 +43,8 @@ from l2e_dist.l2e.regularizer import (
 )
 from l2e_dist.l2e.selection import bracket_bounds, kth_score_per_token, threshold_indices
 from l2e_dist.l2e.state_io import load_layer_states, save_layer_states
-from l2e_dist.l2e.statistics import LayerState, fresh_state, merge_step, refresh_derived
-from l2e_dist.l2e.threshold import HIST_BINS, histogram_counts, histogram_quantile, update_threshold
-
-# Metric accumulators per layer (summed over the steps since the last metrics() call).
-_M_SEL, _M_SEL_ELEMS, _M_REG, _M_REG_STEPS, _M_SCORE, _M_SCORE_ELEMS, _M_FKR_NUM, _M_FKR_DEN = range(8)
-_NUM_METRICS = 8
+from l2e_dist.l2e.statistics import LayerState, fresh_state, refresh_derived
+from l2e_dist.l2e.threshold import HIST_BINS, histogram_counts
 
 
 class NonFiniteActivations(UserError, RuntimeError):
@@ -92,7 +101,7 @@ class L2EInhibitor:
         self._layers = {lid: fresh_state(num_neurons, self._num_features, self.device) for lid in self.layer_ids}
         for st in self._layers.values():
             refresh_derived(st, cfg.eps)
-        self._metric_acc = torch.zeros(len(self.layer_ids), _NUM_METRICS, dtype=torch.float64, device=self.device)
+        self._metric_acc = torch.zeros(len(self.layer_ids), NUM_METRICS, dtype=torch.float64, device=self.device)
         # CPU (compact) scratch for z - mu, reused across layers and calls: a fresh multi-MB temporary on every
         # call costs page faults there. Nothing that outlives apply() points into it.
         self._scratch: dict[torch.dtype, Tensor] = {}
@@ -220,11 +229,12 @@ class L2EInhibitor:
             st = self._layers[lid]
             if ok:
                 st.consecutive_nonfinite = 0
-                rows.append(self._merge(st, slots[lid], buf))
+                rows.append(merge_layer(st, slots[lid], buf, self.cfg, self.num_neurons, self._shift_dtype,
+                                        self._num_features, self._step_labelled))
             else:
                 st.nonfinite_steps += 1
                 st.consecutive_nonfinite += 1
-                rows.append(torch.zeros(_NUM_METRICS, dtype=torch.float64, device=self.device))
+                rows.append(torch.zeros(NUM_METRICS, dtype=torch.float64, device=self.device))
         self._metric_acc += torch.stack(rows)
         self.steps_ended += 1
         self._reset_step()
@@ -246,14 +256,14 @@ class L2EInhibitor:
             st, prefix = self._layers[lid], f"l2e/layer{lid}/"
             if self.cfg.uses_threshold and st.tau_ready:
                 out[prefix + "threshold"] = tau
-            if row[_M_SEL_ELEMS] > 0:
-                out[prefix + "selected_frac"] = row[_M_SEL] / row[_M_SEL_ELEMS]
-            if row[_M_REG_STEPS] > 0 and self.cfg.method == "l2e":
-                out[prefix + "reg"] = row[_M_REG] / row[_M_REG_STEPS]
-            if row[_M_SCORE_ELEMS] > 0:
-                out[prefix + "mean_score"] = row[_M_SCORE] / row[_M_SCORE_ELEMS]
-            if row[_M_FKR_DEN] > 0:
-                out[prefix + "fkr"] = row[_M_FKR_NUM] / row[_M_FKR_DEN]
+            if row[M_SEL_ELEMS] > 0:
+                out[prefix + "selected_frac"] = row[M_SEL] / row[M_SEL_ELEMS]
+            if row[M_REG_STEPS] > 0 and self.cfg.method == "l2e":
+                out[prefix + "reg"] = row[M_REG] / row[M_REG_STEPS]
+            if row[M_SCORE_ELEMS] > 0:
+                out[prefix + "mean_score"] = row[M_SCORE] / row[M_SCORE_ELEMS]
+            if row[M_FKR_DEN] > 0:
+                out[prefix + "fkr"] = row[M_FKR_NUM] / row[M_FKR_DEN]
             out[prefix + "nonfinite_steps"] = float(st.nonfinite_steps)
         self._metric_acc.zero_()
         return out
@@ -400,31 +410,3 @@ class L2EInhibitor:
         if self.cfg.reduction == "sum":
             return self.cfg.reg_lambda * self.dp_size * self.micro_batches_per_step
         return self.cfg.reg_lambda / max(local_tokens, 1)
-
-    def _merge(self, st: LayerState, slots: Slots, buf: Tensor) -> Tensor:
-        """Merge the step's global sums into `st`, move tau; returns this layer's metric increments."""
-        cfg, width = self.cfg, self.num_neurons
-        sc = buf[slots.scalars:slots.scalars + NUM_SCALARS]
-        b = sc[COUNT]
-        shift = st.mean.to(self._shift_dtype).to(torch.float64)  # the mu the sums were taken around
-        merge_step(st, b, buf[slots.s1], buf[slots.s2], shift, cfg.forget_steps)
-        elements = b * width
-        if slots.calibrating:
-            st.tau = histogram_quantile(buf[slots.hist:slots.hist + HIST_BINS], 1.0 - cfg.inhibit_ratio)
-            st.tau_ready = True
-        elif slots.selecting and cfg.uses_threshold:
-            st.tau, st.half_width = update_threshold(st.tau, st.half_width, sc[N_LO:N_HI + 1], elements,
-                                                     cfg.inhibit_ratio, cfg.threshold_lr)
-        if self._num_features and slots.scoring:
-            fkr.merge_features(st, buf, slots, self._num_features, self._step_labelled)
-        refresh_derived(st, cfg.eps)
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        reg = cfg.reg_lambda * sc[REG] if cfg.reduction == "sum" else cfg.reg_lambda * sc[REG] / b
-        sel, scoring = slots.selecting, slots.scoring
-        return torch.stack([
-            sc[N_SEL] if sel else zero, elements if sel else zero, reg if sel else zero,
-            torch.ones_like(zero) if sel else zero, sc[SCORE] if scoring else zero, elements if scoring else zero,
-            sc[FKR_NUM], sc[FKR_DEN],
-        ])
-
-
