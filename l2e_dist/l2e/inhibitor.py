@@ -19,20 +19,9 @@ import torch
 from torch import Tensor
 
 from l2e_dist.errors import UserError
-from l2e_dist.l2e import fkr, reduction
+from l2e_dist.l2e import fkr, merge, reduction
 from l2e_dist.l2e.config import L2EConfig
-from l2e_dist.l2e.merge import (
-    M_FKR_DEN,
-    M_FKR_NUM,
-    M_REG,
-    M_REG_STEPS,
-    M_SCORE,
-    M_SCORE_ELEMS,
-    M_SEL,
-    M_SEL_ELEMS,
-    NUM_METRICS,
-    merge_layer,
-)
+from l2e_dist.l2e.merge import NUM_METRICS, merge_layer
 from l2e_dist.l2e.reduction import COUNT, N_HI, N_LO, N_SEL, REG, SCORE, Slots
 from l2e_dist.l2e.regularizer import (
     CompactSelectedLogSquare,
@@ -41,7 +30,13 @@ from l2e_dist.l2e.regularizer import (
     compact_selection,
     selected_log_square,
 )
-from l2e_dist.l2e.selection import bracket_bounds, kth_score_per_token, threshold_indices
+from l2e_dist.l2e.selection import (
+    at_least,
+    bracket_bounds,
+    flat_nonzero,
+    kth_score_per_token,
+    threshold_indices,
+)
 from l2e_dist.l2e.state_io import load_layer_states, save_layer_states
 from l2e_dist.l2e.statistics import LayerState, fresh_state, refresh_derived
 from l2e_dist.l2e.threshold import HIST_BINS, histogram_counts
@@ -256,14 +251,14 @@ class L2EInhibitor:
             st, prefix = self._layers[lid], f"l2e/layer{lid}/"
             if self.cfg.uses_threshold and st.tau_ready:
                 out[prefix + "threshold"] = tau
-            if row[M_SEL_ELEMS] > 0:
-                out[prefix + "selected_frac"] = row[M_SEL] / row[M_SEL_ELEMS]
-            if row[M_REG_STEPS] > 0 and self.cfg.method == "l2e":
-                out[prefix + "reg"] = row[M_REG] / row[M_REG_STEPS]
-            if row[M_SCORE_ELEMS] > 0:
-                out[prefix + "mean_score"] = row[M_SCORE] / row[M_SCORE_ELEMS]
-            if row[M_FKR_DEN] > 0:
-                out[prefix + "fkr"] = row[M_FKR_NUM] / row[M_FKR_DEN]
+            if row[merge.M_SEL_ELEMS] > 0:
+                out[prefix + "selected_frac"] = row[merge.M_SEL] / row[merge.M_SEL_ELEMS]
+            if row[merge.M_REG_STEPS] > 0 and self.cfg.method == "l2e":
+                out[prefix + "reg"] = row[merge.M_REG] / row[merge.M_REG_STEPS]
+            if row[merge.M_SCORE_ELEMS] > 0:
+                out[prefix + "mean_score"] = row[merge.M_SCORE] / row[merge.M_SCORE_ELEMS]
+            if row[merge.M_FKR_DEN] > 0:
+                out[prefix + "fkr"] = row[merge.M_FKR_NUM] / row[merge.M_FKR_DEN]
             out[prefix + "nonfinite_steps"] = float(st.nonfinite_steps)
         self._metric_acc.zero_()
         return out
@@ -374,7 +369,7 @@ class L2EInhibitor:
         buf = self._buf
         if self.cfg.uses_threshold:
             lo, ev.bound, hi = bracket_bounds(st.bound[self._neurons], st.half_width, d2.dtype)
-            ev.selected = d2 >= ev.bound
+            ev.selected = at_least(d2, ev.bound)
             if slots is not None:
                 buf[slots.scalar(N_SEL)] += ev.selected.sum()
                 buf[slots.scalar(N_LO)] += (d2 >= lo).sum()
@@ -384,7 +379,7 @@ class L2EInhibitor:
         ev.phi = d2 * ev.inv_denom if self.cfg.method == "l2e" else d2.mul_(ev.inv_denom)
         ev.thr = kth_score_per_token(ev.phi, min(self.cfg.topk, self.num_neurons), self.tp_size, self.tp_group)
         self.collective_count += self.tp_size > 1
-        ev.selected = ev.phi >= ev.thr
+        ev.selected = at_least(ev.phi, ev.thr)
         if slots is not None:
             buf[slots.scalar(N_SEL)] += ev.selected.sum()
 
@@ -394,7 +389,7 @@ class L2EInhibitor:
         buf, neuron = self._buf, None
         if not self.cfg.uses_threshold:
             self._select_dense(st, ev, d2, slots if record else None)
-            ev.index = ev.selected.view(-1).nonzero().squeeze(1)
+            ev.index = flat_nonzero(ev.selected)
         else:
             lo, ev.bound, hi = bracket_bounds(st.bound[self._neurons], st.half_width, d2.dtype)
             n_lo, ev.index, neuron, n_hi = threshold_indices(d2, lo, ev.bound, hi)

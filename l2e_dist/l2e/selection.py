@@ -8,6 +8,7 @@ all_gather of k values per token over the TP group). Ties at the k-th value sele
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -19,15 +20,47 @@ def bracket_bounds(bound: Tensor, half_width: Tensor, dtype: torch.dtype) -> tup
     return (bound / ratio).to(dtype), bound.to(dtype), (bound * ratio).to(dtype)
 
 
-def threshold_indices(d2: Tensor, lo: Tensor, mid: Tensor, hi: Tensor) -> tuple[int, Tensor, Tensor, Tensor]:
-    """Compact threshold selection of d2 [tokens, width]: ONE full compare at the bracket's low end, the rest on
-    that subset. Returns (count of d2 >= lo, flat indices of d2 >= mid, their neuron indices, count >= hi)."""
+def threshold_indices(d2: Tensor, lo: Tensor, mid: Tensor, hi: Tensor) -> tuple[int, Tensor, Tensor, int | Tensor]:
+    """Compact threshold selection of d2 [tokens, width] (CPU): ONE full compare at the bracket's low end, the
+    rest on that subset. Returns (count of d2 >= lo, flat indices of d2 >= mid, their neuron indices, count of
+    d2 >= hi). The full scan goes through numpy (the same memory, no copy): its compare and
+    flatnonzero take half the time of torch's `>=` (to bool) plus `nonzero` on the CPU, the largest cost of
+    the L2E forward (profiled at the tiny shape)."""
+    if d2.device.type != "cpu" or not d2.is_contiguous():
+        return _threshold_indices_torch(d2, lo, mid, hi)
+    width = d2.shape[1]
+    flat = d2.detach().numpy().reshape(-1)
+    candidates = np.flatnonzero(np.greater_equal(d2.detach().numpy(), lo.numpy()))
+    cand_d2 = flat[candidates]
+    neuron = candidates % width
+    chosen = np.flatnonzero(cand_d2 >= mid.numpy()[neuron])
+    n_hi = int(np.count_nonzero(cand_d2 >= hi.numpy()[neuron]))
+    return candidates.size, torch.from_numpy(candidates[chosen]), torch.from_numpy(neuron[chosen]), n_hi
+
+
+def _threshold_indices_torch(d2: Tensor, lo: Tensor, mid: Tensor, hi: Tensor) -> tuple[int, Tensor, Tensor, Tensor]:
+    """threshold_indices in torch (a non-contiguous input)."""
     candidates = (d2 >= lo).view(-1).nonzero().squeeze(1)
-    cand_d2 = d2.view(-1).index_select(0, candidates)
+    cand_d2 = d2.reshape(-1).index_select(0, candidates)
     neuron = candidates.remainder(d2.shape[1])
-    chosen = cand_d2 >= mid.index_select(0, neuron)
+    chosen = (cand_d2 >= mid.index_select(0, neuron)).nonzero().squeeze(1)
     n_hi = (cand_d2 >= hi.index_select(0, neuron)).sum()
-    return candidates.numel(), candidates[chosen], neuron[chosen], n_hi
+    return candidates.numel(), candidates.index_select(0, chosen), neuron.index_select(0, chosen), n_hi
+
+
+def at_least(x: Tensor, bound: Tensor) -> Tensor:
+    """x >= bound (broadcast) as a bool tensor; on the CPU through numpy, ~2.5x faster than torch's compare
+    there (the same memory, no copy)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and bound.dtype == x.dtype:
+        return torch.from_numpy(np.greater_equal(x.detach().numpy(), bound.detach().numpy()))
+    return x >= bound
+
+
+def flat_nonzero(mask: Tensor) -> Tensor:
+    """Flat indices of the True entries of `mask` (int64); on the CPU through numpy (2x faster)."""
+    if mask.device.type == "cpu" and mask.is_contiguous():
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.reshape(-1).nonzero().squeeze(1)
 
 
 def top_values(x: Tensor, k: int) -> Tensor:
