@@ -219,17 +219,22 @@ class L2EInhibitor:
         if reduction.all_reduce_step(buf, self.reduce_group):
             self.collective_count += 1
         finite = reduction.finite_regions(buf, slots).tolist()  # the one host read per optimizer step
-        rows = []
+        rows, merged = [], []
         for ok, lid in zip(finite, self.layer_ids, strict=True):
             st = self._layers[lid]
             if ok:
                 st.consecutive_nonfinite = 0
                 rows.append(merge_layer(st, slots[lid], buf, self.cfg, self.num_neurons, self._shift_dtype,
                                         self._num_features, self._step_labelled))
+                merged.append(lid)
             else:
                 st.nonfinite_steps += 1
                 st.consecutive_nonfinite += 1
                 rows.append(torch.zeros(NUM_METRICS, dtype=torch.float64, device=self.device))
+        moving = [(self._layers[lid], slots[lid]) for lid in merged if merge.moves_threshold(slots[lid], self.cfg)]
+        merge.move_thresholds(moving, buf, self.cfg, self.num_neurons)
+        for lid in merged:
+            refresh_derived(self._layers[lid], self.cfg.eps)
         self._metric_acc += torch.stack(rows)
         self.steps_ended += 1
         self._reset_step()
@@ -287,6 +292,7 @@ class L2EInhibitor:
         self._micro_batches = 0
         self._step_labelled = False
         self._shift_dtype = torch.float64
+        self._step_constants: dict[tuple[int, torch.dtype], tuple] = {}
 
     def _step_slots(self) -> dict[int, Slots]:
         """The step buffer's layout, made on the step's first apply() (host counters only: same on every rank)."""
@@ -301,6 +307,16 @@ class L2EInhibitor:
         scoring = st.n_merged >= self.cfg.start_after
         calibrating = scoring and self.cfg.uses_threshold and not st.tau_ready
         return scoring, calibrating, scoring and not calibrating
+
+    def _constants(self, st: LayerState, dtype: torch.dtype) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """This rank's slice of (mu, inv_denom, the bracket bounds) in `dtype`: fixed for the whole step (the
+        state changes only at end_step), so converted once per step and layer, not on every apply()."""
+        key = (id(st), dtype)
+        if key not in self._step_constants:
+            neurons = self._neurons
+            self._step_constants[key] = (st.mean[neurons].to(dtype), st.inv_denom[neurons].to(dtype),
+                                         bracket_bounds(st.bound[neurons], st.half_width, dtype))
+        return self._step_constants[key]
 
     @staticmethod
     def _compute_dtype(flat: Tensor) -> torch.dtype:
@@ -321,7 +337,8 @@ class L2EInhibitor:
         activation-sized temporary d = z - mu, squared in place once its sum is taken; a recompute (`record`
         False) adds nothing to the sums but returns the same selection."""
         cfg, buf, neurons = self.cfg, self._buf, self._neurons
-        ev = _Evaluation(mu=st.mean[neurons].to(self._compute_dtype(flat)))
+        consts = self._constants(st, self._compute_dtype(flat))
+        ev = _Evaluation(mu=consts[0])
         self._shift_dtype = ev.mu.dtype
         d = self._deviation(flat, ev.mu, scratch=compact)
         if record:
@@ -334,7 +351,7 @@ class L2EInhibitor:
             d_sum_sq = d2.sum(0)
             buf[slots.s2][neurons] += d_sum_sq
         if slots.scoring:
-            ev.inv_denom = st.inv_denom[neurons].to(d2.dtype)
+            ev.inv_denom = consts[1]
             if record:
                 buf[slots.scalar(SCORE)] += (d_sum_sq * ev.inv_denom).sum()
         reg_value = coef = None
@@ -368,7 +385,7 @@ class L2EInhibitor:
         """Selection as a mask (threshold or per-token top-k); with `slots`, adds the counts to the sums."""
         buf = self._buf
         if self.cfg.uses_threshold:
-            lo, ev.bound, hi = bracket_bounds(st.bound[self._neurons], st.half_width, d2.dtype)
+            lo, ev.bound, hi = self._constants(st, d2.dtype)[2]
             ev.selected = at_least(d2, ev.bound)
             if slots is not None:
                 buf[slots.scalar(N_SEL)] += ev.selected.sum()
@@ -391,7 +408,7 @@ class L2EInhibitor:
             self._select_dense(st, ev, d2, slots if record else None)
             ev.index = flat_nonzero(ev.selected)
         else:
-            lo, ev.bound, hi = bracket_bounds(st.bound[self._neurons], st.half_width, d2.dtype)
+            lo, ev.bound, hi = self._constants(st, d2.dtype)[2]
             n_lo, ev.index, neuron, n_hi = threshold_indices(d2, lo, ev.bound, hi)
             if record:
                 buf[slots.scalar(N_LO)] += n_lo

@@ -64,11 +64,12 @@ def _crossing(x0: Tensor, y0: Tensor, x1: Tensor, y1: Tensor, y: Tensor) -> Tens
 def update_threshold(tau: Tensor, half_width: Tensor, counts: Tensor, total: Tensor, p: float,
                      rate: float) -> tuple[Tensor, Tensor]:
     """One step's update of (tau, half_width) from `counts` = [#phi >= tau/r, #phi >= tau, #phi >= tau*r]
-    out of `total` scores (all fp64 device tensors). Returns the new (tau, half_width)."""
+    out of `total` scores (all fp64 device tensors). Returns the new (tau, half_width). Elementwise: with
+    tau, half_width, total of shape [L] and counts [L, 3] it updates L layers in one set of ops."""
     x, h = tau.log(), half_width
-    c_lo, c_mid, c_hi = counts.unbind()
+    c_lo, c_mid, c_hi = counts.unbind(-1)
     wanted = p * total.clamp_min(1.0)
-    n_lo, n_mid, n_hi = counts.clamp_min(0.5).log().unbind()  # half a count: log of an empty tail stays finite
+    n_lo, n_mid, n_hi = counts.clamp_min(0.5).log().unbind(-1)  # half a count: log of an empty tail stays finite
     y = wanted.log()
     above = c_mid >= wanted  # too many selected: the crossing lies above log tau
     inside = torch.where(above, c_hi <= wanted, c_lo >= wanted)
