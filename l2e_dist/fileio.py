@@ -8,6 +8,7 @@ directory (a rename is durable only once its directory is). A failed write remov
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -25,7 +26,9 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+@functools.cache
 def _umask() -> int:
+    """The process umask, read once: reading it means setting it, which must not race other threads' writes."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

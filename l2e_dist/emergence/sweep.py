@@ -202,6 +202,7 @@ def run_sweep(cfg: EmergenceConfig, log: bool = True) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - start,
     }
     out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     summary["figures"] = []
     if cfg.figures:
         for axis, data in summary["axes"].items():

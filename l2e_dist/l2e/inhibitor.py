@@ -231,8 +231,7 @@ class L2EInhibitor:
                 st.nonfinite_steps += 1
                 st.consecutive_nonfinite += 1
                 rows.append(torch.zeros(NUM_METRICS, dtype=torch.float64, device=self.device))
-        moving = [(self._layers[lid], slots[lid]) for lid in merged if merge.moves_threshold(slots[lid], self.cfg)]
-        merge.move_thresholds(moving, buf, self.cfg, self.num_neurons)
+        merge.move_thresholds([(self._layers[lid], slots[lid]) for lid in merged], buf, self.cfg, self.num_neurons)
         for lid in merged:
             refresh_derived(self._layers[lid], self.cfg.eps)
         self._metric_acc += torch.stack(rows)

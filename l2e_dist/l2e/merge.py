@@ -20,8 +20,8 @@ NUM_METRICS = 8
 
 def merge_layer(st: LayerState, slots: Slots, buf: Tensor, cfg: L2EConfig, width: int, shift_dtype: torch.dtype,
                 num_features: int, step_labelled: bool) -> Tensor:
-    """Merge one layer's global sums of the step (already all-reduced) into `st`, move tau; returns the layer's
-    metric increments (a row indexed by the constants above). `shift_dtype`: the dtype the step's mu was used
+    """Merge one layer's global sums of the step (already all-reduced) into `st` (calibrating tau on the layer's
+    first scored step); returns the layer's metric increments (a row indexed by the constants above). `shift_dtype`: the dtype the step's mu was used
     in (the sums are taken around that rounded mu). The caller then moves the thresholds (`move_thresholds`)
     and refreshes the derived quantities (`refresh_derived`)."""
     sc = buf[slots.scalars:slots.scalars + NUM_SCALARS]
@@ -44,14 +44,10 @@ def merge_layer(st: LayerState, slots: Slots, buf: Tensor, cfg: L2EConfig, width
     ])
 
 
-
-
-def moves_threshold(slots: Slots, cfg: L2EConfig) -> bool:
-    return slots.selecting and cfg.uses_threshold
-
-
-def move_thresholds(moving: list[tuple[LayerState, Slots]], buf: Tensor, cfg: L2EConfig, width: int) -> None:
-    """The threshold update of every selecting layer from the step's bracket counts, vectorised over layers."""
+def move_thresholds(merged: list[tuple[LayerState, Slots]], buf: Tensor, cfg: L2EConfig, width: int) -> None:
+    """The threshold update of the merged layers that selected this step, from their bracket counts, in one
+    update vectorised over the layers."""
+    moving = [(st, slots) for st, slots in merged if slots.selecting and cfg.uses_threshold]
     if not moving:
         return
     scalars = torch.stack([buf[slots.scalars:slots.scalars + NUM_SCALARS] for _, slots in moving])

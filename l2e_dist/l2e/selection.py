@@ -28,11 +28,10 @@ def threshold_indices(d2: Tensor, lo: Tensor, mid: Tensor, hi: Tensor) -> tuple[
     the L2E forward (profiled at the tiny shape)."""
     if d2.device.type != "cpu" or not d2.is_contiguous():
         return _threshold_indices_torch(d2, lo, mid, hi)
-    width = d2.shape[1]
-    flat = d2.detach().numpy().reshape(-1)
-    candidates = np.flatnonzero(np.greater_equal(d2.detach().numpy(), lo.numpy()))
-    cand_d2 = flat[candidates]
-    neuron = candidates % width
+    values = d2.detach().numpy()
+    candidates = np.flatnonzero(np.greater_equal(values, lo.numpy()))
+    cand_d2 = values.reshape(-1)[candidates]
+    neuron = candidates % d2.shape[1]
     chosen = np.flatnonzero(cand_d2 >= mid.numpy()[neuron])
     n_hi = int(np.count_nonzero(cand_d2 >= hi.numpy()[neuron]))
     return candidates.size, torch.from_numpy(candidates[chosen]), torch.from_numpy(neuron[chosen]), n_hi

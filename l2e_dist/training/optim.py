@@ -114,9 +114,11 @@ def check_precision_supported(precision: str) -> None:
     (AVX512-FP16/AMX-FP16), which many CPUs lack; GPUs before Ampere lack bf16."""
     from deepspeed.accelerator import get_accelerator
 
+    if precision == "fp32":
+        return
     accelerator = get_accelerator()
-    supported = {"fp32": True, "fp16": accelerator.is_fp16_supported, "bf16": accelerator.is_bf16_supported}[precision]
-    if supported is not True and not supported():
+    supported = accelerator.is_fp16_supported() if precision == "fp16" else accelerator.is_bf16_supported()
+    if not supported:
         other = "bf16" if precision == "fp16" and accelerator.is_bf16_supported() else "fp32"
         raise ConfigError(
             "deepspeed.precision",

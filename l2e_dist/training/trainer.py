@@ -37,7 +37,7 @@ from l2e_dist.parallel.state import (
 )
 from l2e_dist.training.metrics import MetricsLogger
 from l2e_dist.training.numerics import NonFiniteGuard, disable_deepspeed_min_scale_error, optimizer_loss_scale
-from l2e_dist.training.optim import effective_zero_stage, initialize_engine
+from l2e_dist.training.optim import initialize_engine
 from l2e_dist.training.preemption import PreemptionHandler, start_watchdog
 from l2e_dist.training.prefetch import prefetch_to_device
 from l2e_dist.training.resolved import ResolvedRun, resolve_run
@@ -223,7 +223,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
         n_params = cfg.model.num_parameters(model.padded_vocab_size)
         print(
             f"l2e-dist: world={layout.world_size} tp={layout.tp_size} dp={layout.dp_size} "
-            f"zero={_zero_description(cfg, dp_size)} precision={cfg.deepspeed.precision} params={n_params / 1e6:.2f}M "
+            f"zero={_zero_description(run)} precision={cfg.deepspeed.precision} params={n_params / 1e6:.2f}M "
             f"gas={gas} l2e={cfg.l2e.method} device={device.type} resume_step={start_step}"
             + (f" branch_step={cfg.train.branch_step}" if cfg.train.branch_step is not None else ""),
             flush=True,
@@ -358,11 +358,12 @@ def end_l2e_step(engine, inhibitor: L2EInhibitor | None, step: int | None = None
         inhibitor.end_step(applied=engine.was_step_applied(), step=step)
 
 
-def _zero_description(cfg: RunConfig, dp_size: int) -> str:
-    stage = effective_zero_stage(cfg, dp_size)
-    if stage == cfg.deepspeed.zero_stage:
+def _zero_description(run: ResolvedRun) -> str:
+    stage, asked = run.derived.zero_stage, run.config.deepspeed.zero_stage
+    if stage == asked:
         return str(stage)
-    return f"{stage} (deepspeed.zero_stage={cfg.deepspeed.zero_stage} partitions nothing at dp=1 in fp32)"
+    why = "partitions nothing at dp=1 in fp32" if stage < asked else "has no fp32 gradient accumulation in bf16"
+    return f"{stage} (deepspeed.zero_stage={asked} {why})"
 
 
 def _rank0_requeued(requeued: bool, device) -> bool:
