@@ -52,6 +52,13 @@ def test_cli_writes_json_and_figures_and_rejects_bad_keys(tmp_path: Path, capsys
     assert rc == 2 and len(err.splitlines()) == 1 and "time_axis.stepz" in err and "steps" in err
 
 
+def test_without_figures_the_json_still_lands_in_a_new_directory(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "nested"
+    rc = main(["--config", CONFIG, "--set", f"output_dir={out}", "--set", "workers=1", "--set", "repeats=1",
+               "--set", "figures=false", "--set", "time_axis.steps=20", "--set", "time_axis.eval_every=20"])
+    assert rc == 0 and json.loads((out / "emergence.json").read_text())["figures"] == []
+
+
 def test_data_and_width_axes_run_and_fit(tmp_path: Path) -> None:
     cfg = load_config(CONFIG, [
         f"output_dir={tmp_path}", "workers=1", "repeats=2", "axes=[data,width]", "inhibition.methods=[none,l2e,memel]",
