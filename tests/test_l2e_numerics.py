@@ -13,6 +13,7 @@ from l2e_dist.config_utils import ConfigError, build
 from l2e_dist.l2e import L2EConfig, L2EInhibitor
 from l2e_dist.l2e import inhibitor as inhibitor_module
 from l2e_dist.l2e.inhibitor import NonFiniteActivations
+from l2e_dist.l2e.regularizer import writable_gradient
 from l2e_dist.l2e.state_io import L2EStateError
 from l2e_dist.l2e.threshold import (
     HIST_BIN_WIDTH,
@@ -211,6 +212,106 @@ def test_dense_regularizer_path_equals_compact(monkeypatch, retrieval):
     for key, value in s_dense["layers"][0].items():
         if isinstance(value, torch.Tensor):
             torch.testing.assert_close(value, s_compact["layers"][0][key], rtol=1e-6, atol=1e-9, msg=key)
+
+
+class _AddOneWhereWritable(torch.autograd.Function):
+    """Identity whose backward adds 1 to its incoming gradient in place where writable_gradient allows it."""
+
+    seen: list[bool] = []
+
+    @staticmethod
+    def forward(ctx, z):
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        writable = writable_gradient(grad)
+        _AddOneWhereWritable.seen.append(writable)
+        return grad.add_(1.0) if writable else grad + 1.0
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_writable_gradient_only_where_nothing_else_holds_it():
+    """The in-place add is taken in the model's case (the next op is a matmul; 3-d: a view of its whole 2-d
+    result), and never where it would change a gradient somebody else holds: another branch (an add hands one
+    tensor to both inputs), a tensor hook that kept it, retain_grad, an expanded view, a double backward."""
+    w = torch.randn(8, 3)
+
+    def run(loss_of, shape=(4, 8), **backward_kwargs):
+        x = torch.randn(*shape, requires_grad=True)
+        _AddOneWhereWritable.seen = []
+        loss_of(_AddOneWhereWritable.apply(x)).backward(**backward_kwargs)
+        return _AddOneWhereWritable.seen, x
+
+    for shape in ((4, 8), (2, 2, 8)):
+        seen, x = run(lambda y: (y @ w).sum(), shape)
+        assert seen == [True]
+        torch.testing.assert_close(x.grad, w.sum(1).expand(shape) + 1.0)
+    other_leaf = torch.randn(4, 8, requires_grad=True)
+    other = other_leaf * 1.0  # made before: autograd runs its backward after the probe's
+    seen, x = run(lambda y: ((y + other) * 2).sum())
+    assert seen == [False] and torch.equal(other_leaf.grad, torch.full((4, 8), 2.0))
+    kept = []
+
+    def keep_hook(y):
+        y.register_hook(lambda g: kept.append(g))
+        return (y @ w).sum()
+
+    seen, x = run(keep_hook)
+    assert seen == [False] and torch.equal(kept[0], w.sum(1).expand(4, 8))
+
+    def retain(y):
+        out = y * 1.0
+        out.retain_grad()
+        kept.append(out)
+        return (out @ w).sum()
+
+    seen, x = run(lambda y: retain(y))
+    assert torch.equal(kept[-1].grad, w.sum(1).expand(4, 8))
+    seen, _ = run(lambda y: y.sum())
+    assert seen == [False]
+    seen, _ = run(lambda y: (y @ w).sum(), create_graph=True)
+    assert seen == [False]
+    whole = torch.randn(8, 8)
+    view = whole.view(2, 4, 8)
+    assert not writable_gradient(view)  # outside a backward: never
+
+
+@pytest.mark.parametrize("path", ["compact", "dense", "memel"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_inhibited_layer_gradient_is_the_lm_gradient_plus_the_regularizers(monkeypatch, path, shared):
+    """z's gradient = its incoming gradient + the regularizer's (L2E), or the incoming one times -D on the selected
+    pairs (MEmeL), whether the backward adds in place or, when autograd shares the incoming gradient with another
+    branch, into a copy; the other branch's gradient stays untouched."""
+    width = 24
+    gen = torch.Generator().manual_seed(9)
+    monkeypatch.setattr(inhibitor_module, "compact_selection", lambda device: path == "compact")
+    method = "memel" if path == "memel" else "l2e"
+    inh = make(width, method=method, inhibit_ratio=0.05, reg_lambda=0.1)
+    checked = 0
+    for _ in range(6):
+        z = (torch.randn(40, width, generator=gen) * 1.3 + 0.2).requires_grad_()
+        other_leaf = torch.zeros(40, width, requires_grad=True)
+        other = other_leaf * 1.0  # made before apply(): autograd runs its backward after the inhibitor's
+        upstream = torch.randn(40, width, generator=gen)
+        selected = inh.selected_mask(0, z.detach())
+        out = inh.apply(0, z)
+        reg = inh.regularization_loss()
+        reg_grad = (torch.autograd.grad(reg, z, retain_graph=True)[0] if reg.requires_grad
+                    else torch.zeros_like(z))
+        lm_in = out + other if shared else out
+        ((lm_in * upstream).sum() + reg).backward()
+        if method == "memel" and selected is not None:
+            want = torch.where(selected, -inh.cfg.rd_strength * upstream, upstream)
+        else:
+            want = upstream + reg_grad
+        torch.testing.assert_close(z.grad, want, rtol=1e-6, atol=1e-7)
+        if shared:
+            assert torch.equal(other_leaf.grad, upstream)
+        checked += bool(reg_grad.any()) or (selected is not None and bool(selected.any()))
+        inh.finish_micro_batch()
+        inh.end_step()
+    assert checked >= 3  # the regularizer / reverse deactivation really acted
 
 
 def test_bf16_activations_give_statistics_within_bf16_tolerance_of_fp32():

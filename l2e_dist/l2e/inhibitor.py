@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,6 +36,7 @@ from l2e_dist.l2e.selection import (
     bracket_bounds,
     flat_nonzero,
     kth_score_per_token,
+    score_bracket,
     threshold_indices,
 )
 from l2e_dist.l2e.state_io import load_layer_states, save_layer_states
@@ -100,6 +102,7 @@ class L2EInhibitor:
         # CPU (compact) scratch for z - mu, reused across layers and calls: a fresh multi-MB temporary on every
         # call costs page faults there. Nothing that outlives apply() points into it.
         self._scratch: dict[torch.dtype, Tensor] = {}
+        self._mask = np.empty(0, dtype=np.bool_)  # CPU: the threshold compares' bool scratch, reused likewise
         self._reset_step()
 
     # ------------------------------------------------------------------ public API
@@ -142,12 +145,13 @@ class L2EInhibitor:
             self._recorded.add(layer_id)
         if regularize:
             if compact:
-                term = CompactSelectedLogSquare.apply(z, reg_value, ev.index, coef)
+                out, term = CompactSelectedLogSquare.apply(z, reg_value, ev.index, coef)
             else:
-                term = DenseSelectedLogSquare.apply(z, reg_value, ev.mu, ev.bound, ev.inv_denom, ev.thr,
-                                                    self.cfg.delta)
+                out, term = DenseSelectedLogSquare.apply(z, reg_value, ev.mu, ev.bound, ev.inv_denom, ev.thr,
+                                                         self.cfg.delta)
             if not recompute:
                 self._reg_terms[layer_id] = term * self._reg_scale(flat.shape[0])
+            return out
         elif slots.selecting and self.cfg.method == "memel":
             return ReverseDeactivation.apply(z, ev.selected.reshape(z.shape), ev.mu.to(z.dtype),
                                              self.cfg.rd_strength)
@@ -291,7 +295,7 @@ class L2EInhibitor:
         self._micro_batches = 0
         self._step_labelled = False
         self._shift_dtype = torch.float64
-        self._step_constants: dict[tuple[int, torch.dtype], tuple] = {}
+        self._step_constants: dict[tuple[int, torch.dtype | str], tuple] = {}
 
     def _step_slots(self) -> dict[int, Slots]:
         """The step buffer's layout, made on the step's first apply() (host counters only: same on every rank)."""
@@ -317,6 +321,13 @@ class L2EInhibitor:
                                          bracket_bounds(st.bound[neurons], st.half_width, dtype))
         return self._step_constants[key]
 
+    def _bracket(self, st: LayerState) -> tuple[float, float, float]:
+        """The threshold bracket (tau/r, tau, tau*r) on the host, once per step and layer (compact path: CPU)."""
+        key = (id(st), "bracket")
+        if key not in self._step_constants:
+            self._step_constants[key] = score_bracket(st.tau, st.half_width)
+        return self._step_constants[key]
+
     @staticmethod
     def _compute_dtype(flat: Tensor) -> torch.dtype:
         return torch.float64 if flat.dtype == torch.float64 else torch.float32
@@ -329,6 +340,11 @@ class L2EInhibitor:
         if buf is None or buf.numel() < flat.numel() or buf.device != flat.device:
             buf = self._scratch[mu.dtype] = torch.empty(flat.numel(), dtype=mu.dtype, device=flat.device)
         return torch.sub(flat, mu, out=buf[:flat.numel()].view(flat.shape))
+
+    def _mask_scratch(self, d2: Tensor) -> np.ndarray:
+        if self._mask.size < d2.numel():
+            self._mask = np.empty(d2.numel(), dtype=np.bool_)
+        return self._mask[:d2.numel()].reshape(d2.shape)
 
     def _evaluate(self, st: LayerState, slots: Slots, flat: Tensor, *, record: bool, compact: bool,
                   regularize: bool) -> tuple[_Evaluation, Tensor | None, Tensor | None]:
@@ -406,9 +422,9 @@ class L2EInhibitor:
         if not self.cfg.uses_threshold:
             self._select_dense(st, ev, d2, slots if record else None)
             ev.index = flat_nonzero(ev.selected)
-        else:
-            lo, ev.bound, hi = self._constants(st, d2.dtype)[2]
-            n_lo, ev.index, neuron, n_hi = threshold_indices(d2, lo, ev.bound, hi)
+        else:  # compares the scores with tau: d2 becomes phi in place (and serves FKR / calibration below)
+            ev.phi = d2.mul_(ev.inv_denom)
+            n_lo, ev.index, neuron, n_hi = threshold_indices(ev.phi, *self._bracket(st), self._mask_scratch(d2))
             if record:
                 buf[slots.scalar(N_LO)] += n_lo
                 buf[slots.scalar(N_SEL)] += ev.index.numel()
