@@ -261,13 +261,12 @@ def test_writable_gradient_only_where_nothing_else_holds_it():
     assert seen == [False] and torch.equal(kept[0], w.sum(1).expand(4, 8))
 
     def retain(y):
-        out = y * 1.0
-        out.retain_grad()
-        kept.append(out)
-        return (out @ w).sum()
+        y.retain_grad()  # the gradient the probe's backward gets, as retained (PyTorch keeps its own copy)
+        kept.append(y)
+        return (y @ w).sum()
 
-    seen, x = run(lambda y: retain(y))
-    assert torch.equal(kept[-1].grad, w.sum(1).expand(4, 8))
+    seen, x = run(retain)
+    assert torch.equal(kept[-1].grad, w.sum(1).expand(4, 8)) and torch.equal(x.grad, kept[-1].grad + 1.0)
     seen, _ = run(lambda y: y.sum())
     assert seen == [False]
     seen, _ = run(lambda y: (y @ w).sum(), create_graph=True)

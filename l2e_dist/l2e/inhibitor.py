@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -101,8 +100,8 @@ class L2EInhibitor:
         self._metric_acc = torch.zeros(len(self.layer_ids), NUM_METRICS, dtype=torch.float64, device=self.device)
         # CPU (compact) scratch for z - mu, reused across layers and calls: a fresh multi-MB temporary on every
         # call costs page faults there. Nothing that outlives apply() points into it.
+        # The threshold compares' bool mask likewise (dtype torch.bool).
         self._scratch: dict[torch.dtype, Tensor] = {}
-        self._mask = np.empty(0, dtype=np.bool_)  # CPU: the threshold compares' bool scratch, reused likewise
         self._reset_step()
 
     # ------------------------------------------------------------------ public API
@@ -336,15 +335,14 @@ class L2EInhibitor:
         """z - mu in the compute dtype (bf16/fp16 activations are promoted here): THE fp32 temporary."""
         if not scratch:
             return torch.sub(flat, mu)
-        buf = self._scratch.get(mu.dtype)
-        if buf is None or buf.numel() < flat.numel() or buf.device != flat.device:
-            buf = self._scratch[mu.dtype] = torch.empty(flat.numel(), dtype=mu.dtype, device=flat.device)
-        return torch.sub(flat, mu, out=buf[:flat.numel()].view(flat.shape))
+        return torch.sub(flat, mu, out=self._scratch_view(mu.dtype, flat))
 
-    def _mask_scratch(self, d2: Tensor) -> np.ndarray:
-        if self._mask.size < d2.numel():
-            self._mask = np.empty(d2.numel(), dtype=np.bool_)
-        return self._mask[:d2.numel()].reshape(d2.shape)
+    def _scratch_view(self, dtype: torch.dtype, like: Tensor) -> Tensor:
+        """A reused buffer of `dtype` shaped like `like` (grown when too small)."""
+        buf = self._scratch.get(dtype)
+        if buf is None or buf.numel() < like.numel() or buf.device != like.device:
+            buf = self._scratch[dtype] = torch.empty(like.numel(), dtype=dtype, device=like.device)
+        return buf[:like.numel()].view(like.shape)
 
     def _evaluate(self, st: LayerState, slots: Slots, flat: Tensor, *, record: bool, compact: bool,
                   regularize: bool) -> tuple[_Evaluation, Tensor | None, Tensor | None]:
@@ -424,7 +422,7 @@ class L2EInhibitor:
             ev.index = flat_nonzero(ev.selected)
         else:  # compares the scores with tau: d2 becomes phi in place (and serves FKR / calibration below)
             ev.phi = d2.mul_(ev.inv_denom)
-            n_lo, ev.index, neuron, n_hi = threshold_indices(ev.phi, *self._bracket(st), self._mask_scratch(d2))
+            n_lo, ev.index, neuron, n_hi = threshold_indices(ev.phi, *self._bracket(st), self._scratch_view(torch.bool, d2).numpy())
             if record:
                 buf[slots.scalar(N_LO)] += n_lo
                 buf[slots.scalar(N_SEL)] += ev.index.numel()

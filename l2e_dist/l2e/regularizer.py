@@ -50,7 +50,7 @@ def writable_gradient(grad: Tensor, *, _calibrating: bool = False) -> bool | tup
     A view counts when it is the whole of a base nobody else holds: torch.matmul of a 3-d input (the MLP's
     output projection) hands over its 2-d result viewed back to 3-d. Anything else is copied first."""
     refs = sys.getrefcount(grad)  # first: the bound methods taken below hold references of their own
-    if _calibrating:
+    if _calibrating:  # the reference counts at this very call depth, for _measure_fresh_refs
         base = grad._base
         return refs, sys.getrefcount(base)
     use_count = getattr(grad, "_use_count", None)
@@ -143,7 +143,7 @@ class CompactSelectedLogSquare(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z: Tensor, grad_value: Tensor):
         index, coef = ctx.saved_tensors
-        grad = grad_z if writable_gradient(grad_z) else grad_z.contiguous().clone()
+        grad = grad_z if writable_gradient(grad_z) else grad_z.clone(memory_format=torch.contiguous_format)
         grad.view(-1).index_add_(0, index, (coef * grad_value).to(grad.dtype))
         return grad, None, None, None
 
