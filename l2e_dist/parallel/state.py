@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -19,6 +20,7 @@ from megatron.core import parallel_state
 
 from l2e_dist.config_utils import ConfigError
 from l2e_dist.errors import UserError
+from l2e_dist.parallel.host_memory import keep_host_memory
 
 T = TypeVar("T")
 
@@ -108,6 +110,8 @@ def init_process_groups(tensor_parallel: int, timeout_s: float = 600.0, device: 
     global _device_setting
     select_device(device)  # a bad setting or a missing GPU fails here, before anything is started
     _device_setting = device
+    if default_device().type == "cpu":
+        keep_host_memory()
     if default_device().type == "cuda":
         _set_cuda_environment(tensor_parallel)
     elif torch.cuda.is_available():  # cpu on purpose on a GPU machine: DeepSpeed must not pick its CUDA accelerator
@@ -116,7 +120,10 @@ def init_process_groups(tensor_parallel: int, timeout_s: float = 600.0, device: 
         from l2e_dist.parallel.launch_env import discover_distributed_env
 
         env = discover_distributed_env()
-        print(f"l2e-dist: {env.describe()}", flush=True)
+        # Every rank prints this into one job log: one write() per line (print's text and end are two under
+        # `python -u`, and mpirun's forwarded ranks then interleave mid-line).
+        sys.stdout.write(f"l2e-dist: {env.describe()}\n")
+        sys.stdout.flush()
         device = default_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)
