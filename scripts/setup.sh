@@ -26,3 +26,10 @@ warnings.filterwarnings("ignore")
 from deepspeed.comm.torch import build_shm_op
 build_shm_op()
 PYEOF
+# Likewise L2E's fused CPU threshold scan (l2e_dist/l2e/cpu_scan.py, ~1 min to build; the eager path runs
+# without it).
+"$PY" - <<'PYEOF' >/dev/null 2>&1 || echo "setup: warning: could not pre-build L2E's CPU scan kernel (it will build on first use)" >&2
+import sys
+from l2e_dist.l2e import cpu_scan
+sys.exit(0 if cpu_scan.available() else 1)
+PYEOF

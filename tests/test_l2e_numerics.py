@@ -10,7 +10,7 @@ import torch
 
 from l2e_dist.config import load_config
 from l2e_dist.config_utils import ConfigError, build
-from l2e_dist.l2e import L2EConfig, L2EInhibitor
+from l2e_dist.l2e import L2EConfig, L2EInhibitor, cpu_scan
 from l2e_dist.l2e import inhibitor as inhibitor_module
 from l2e_dist.l2e.inhibitor import NonFiniteActivations
 from l2e_dist.l2e.regularizer import writable_gradient
@@ -212,6 +212,45 @@ def test_dense_regularizer_path_equals_compact(monkeypatch, retrieval):
     for key, value in s_dense["layers"][0].items():
         if isinstance(value, torch.Tensor):
             torch.testing.assert_close(value, s_compact["layers"][0][key], rtol=1e-6, atol=1e-9, msg=key)
+
+
+def test_fused_cpu_scan_equals_the_eager_scan(monkeypatch):
+    """The CPU kernel (cpu_scan.py) selects exactly the eager path's pairs, with its values and gradients, and
+    sums the statistics to fp32 rounding; a width that is no multiple of 8 exercises its byte scan's tail."""
+    assert cpu_scan.available(), "the fused CPU scan did not build: g++ and ninja are needed (scripts/setup.sh)"
+    width = 21
+    gen = torch.Generator().manual_seed(7)
+    batches = [torch.nn.functional.gelu(torch.randn(2, 64, width, generator=gen)) for _ in range(8)]
+    fused_calls = []
+    kernel = cpu_scan.threshold_scan
+
+    def counted(*args):
+        fused_calls.append(1)
+        return kernel(*args)
+
+    def run(fused: bool):
+        monkeypatch.setattr(cpu_scan, "usable", lambda flat, mu: fused)
+        monkeypatch.setattr(cpu_scan, "threshold_scan", counted)
+        inh = make(width, inhibit_ratio=0.05, reg_lambda=0.1)
+        grads = [train_step(inh, z[:1], z[1:]) for z in batches]
+        return grads, inh.metrics(), inh.state_dict()
+
+    g_eager, m_eager, s_eager = run(False)
+    assert not fused_calls
+    g_fused, m_fused, s_fused = run(True)
+    assert len(fused_calls) == 2 * (len(batches) - 3)  # 2 micro-batches per step once selecting (late_start 2 + 1)
+    assert len(g_eager) == len(g_fused) == len(batches)
+    assert sum(bool(g.any()) for step in g_fused for g in step) >= 8  # the regularizer really acted
+    for step_eager, step_fused in zip(g_eager, g_fused, strict=True):
+        for a, b in zip(step_eager, step_fused, strict=True):
+            assert torch.equal(a != 0, b != 0)  # the same selected pairs
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    assert m_eager.keys() == m_fused.keys()
+    for key, value in m_eager.items():
+        assert m_fused[key] == pytest.approx(value, rel=1e-6), key
+    for key, value in s_eager["layers"][0].items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, s_fused["layers"][0][key], rtol=1e-6, atol=1e-9, msg=key)
 
 
 class _AddOneWhereWritable(torch.autograd.Function):

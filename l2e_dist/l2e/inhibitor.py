@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from l2e_dist.errors import UserError
-from l2e_dist.l2e import fkr, merge, reduction
+from l2e_dist.l2e import cpu_scan, fkr, merge, reduction
 from l2e_dist.l2e.config import L2EConfig
 from l2e_dist.l2e.merge import NUM_METRICS, merge_layer
 from l2e_dist.l2e.reduction import COUNT, N_HI, N_LO, N_SEL, REG, SCORE, Slots
@@ -28,6 +28,7 @@ from l2e_dist.l2e.regularizer import (
     DenseSelectedLogSquare,
     ReverseDeactivation,
     compact_selection,
+    log_square_terms,
     selected_log_square,
 )
 from l2e_dist.l2e.selection import (
@@ -102,6 +103,8 @@ class L2EInhibitor:
         # call costs page faults there. Nothing that outlives apply() points into it.
         # The threshold compares' bool mask likewise (dtype torch.bool).
         self._scratch: dict[torch.dtype, Tensor] = {}
+        if cfg.method == "l2e" and cfg.uses_threshold and compact_selection(self.device):
+            cpu_scan.available()  # build (first run on a machine: ~1 min) or load it now, not inside a step
         self._reset_step()
 
     # ------------------------------------------------------------------ public API
@@ -353,6 +356,10 @@ class L2EInhibitor:
         consts = self._constants(st, self._compute_dtype(flat))
         ev = _Evaluation(mu=consts[0])
         self._shift_dtype = ev.mu.dtype
+        need_phi = slots.calibrating or (record and slots.scoring and self._features is not None
+                                         and self._num_features > 0)
+        if compact and cfg.uses_threshold and not need_phi and cpu_scan.usable(flat, ev.mu):
+            return self._evaluate_fused(st, slots, flat, ev, consts[1], record)
         d = self._deviation(flat, ev.mu, scratch=compact)
         if record:
             buf[slots.s1][neurons] += d.sum(0)
@@ -373,8 +380,6 @@ class L2EInhibitor:
                 reg_value, coef = self._select_compact(st, slots, ev, d2, flat, record)
             else:
                 self._select_dense(st, ev, d2, slots if record else None)
-        need_phi = slots.calibrating or (record and slots.scoring and self._features is not None
-                                         and self._num_features > 0)
         if regularize and not compact:
             # SUM_selected log(d2 + delta): in place on d2 unless the scores are still needed below.
             shifted = d2 + cfg.delta if need_phi else d2.add_(cfg.delta)
@@ -392,6 +397,25 @@ class L2EInhibitor:
                 self._step_labelled = True
             if record and slots.calibrating:
                 buf[slots.hist:slots.hist + HIST_BINS] += histogram_counts(phi)
+        return ev, reg_value, coef
+
+    def _evaluate_fused(self, st: LayerState, slots: Slots, flat: Tensor, ev: _Evaluation, inv_denom: Tensor,
+                        record: bool) -> tuple[_Evaluation, Tensor, Tensor]:
+        """_evaluate's selecting compact step in one pass of the CPU kernel (cpu_scan.py), no temporary."""
+        buf, neurons = self._buf, self._neurons
+        ev.inv_denom = inv_denom
+        ev.index, d, sum1, sum2, n_lo, n_hi = cpu_scan.threshold_scan(flat, ev.mu, inv_denom, *self._bracket(st))
+        reg_value, coef = log_square_terms(d, self.cfg.delta)
+        if record:
+            buf[slots.s1][neurons] += sum1
+            buf[slots.s2][neurons] += sum2
+            if self.tp_rank == 0:
+                buf[slots.scalar(COUNT)] += flat.shape[0]
+            buf[slots.scalar(SCORE)] += (sum2 * inv_denom).sum()
+            buf[slots.scalar(N_LO)] += n_lo
+            buf[slots.scalar(N_SEL)] += ev.index.numel()
+            buf[slots.scalar(N_HI)] += n_hi
+            buf[slots.scalar(REG)] += reg_value
         return ev, reg_value, coef
 
     def _select_dense(self, st: LayerState, ev: _Evaluation, d2: Tensor, slots: Slots | None = None) -> None:

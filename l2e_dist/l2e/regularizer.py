@@ -36,6 +36,11 @@ def selected_log_square(flat: Tensor, mu: Tensor, index: Tensor, delta: float,
     (d = z - mu recomputed for those pairs only; `neuron` = index % width if known) and their derivatives."""
     neuron = index.remainder(flat.shape[1]) if neuron is None else neuron
     d = flat.reshape(-1).index_select(0, index).to(mu.dtype) - mu.index_select(0, neuron)
+    return log_square_terms(d, delta)
+
+
+def log_square_terms(d: Tensor, delta: float) -> tuple[Tensor, Tensor]:
+    """SUM log(d^2 + delta) over the selected pairs' d = z - mu, and their derivatives."""
     return (d * d + delta).log_().sum(), log_square_derivative(d, delta)
 
 
