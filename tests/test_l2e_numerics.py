@@ -315,7 +315,7 @@ def test_writable_gradient_only_where_nothing_else_holds_it():
     assert not writable_gradient(view)  # outside a backward: never
 
 
-@pytest.mark.parametrize("path", ["compact", "dense", "memel"])
+@pytest.mark.parametrize("path", ["compact", "dense", "memel", "memel_compact"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_inhibited_layer_gradient_is_the_lm_gradient_plus_the_regularizers(monkeypatch, path, shared):
     """z's gradient = its incoming gradient + the regularizer's (L2E), or the incoming one times -D on the selected
@@ -323,8 +323,8 @@ def test_inhibited_layer_gradient_is_the_lm_gradient_plus_the_regularizers(monke
     branch, into a copy; the other branch's gradient stays untouched."""
     width = 24
     gen = torch.Generator().manual_seed(9)
-    monkeypatch.setattr(inhibitor_module, "compact_selection", lambda device: path == "compact")
-    method = "memel" if path == "memel" else "l2e"
+    monkeypatch.setattr(inhibitor_module, "compact_selection", lambda device: path in ("compact", "memel_compact"))
+    method = "memel" if path.startswith("memel") else "l2e"
     inh = make(width, method=method, inhibit_ratio=0.05, reg_lambda=0.1)
     checked = 0
     for _ in range(6):
@@ -340,6 +340,8 @@ def test_inhibited_layer_gradient_is_the_lm_gradient_plus_the_regularizers(monke
         lm_in = out + other if shared else out
         ((lm_in * upstream).sum() + reg).backward()
         if method == "memel" and selected is not None:
+            mu = inh.state_dict()["layers"][0]["mean"].to(z.dtype)
+            assert torch.equal(out, torch.where(selected, mu, z))  # the selected pairs take the neuron's mean
             want = torch.where(selected, -inh.cfg.rd_strength * upstream, upstream)
         else:
             want = upstream + reg_grad

@@ -24,6 +24,7 @@ from l2e_dist.l2e.config import L2EConfig
 from l2e_dist.l2e.merge import NUM_METRICS, merge_layer
 from l2e_dist.l2e.reduction import COUNT, N_HI, N_LO, N_SEL, REG, SCORE, Slots
 from l2e_dist.l2e.regularizer import (
+    CompactReverseDeactivation,
     CompactSelectedLogSquare,
     DenseSelectedLogSquare,
     ReverseDeactivation,
@@ -34,6 +35,7 @@ from l2e_dist.l2e.regularizer import (
 from l2e_dist.l2e.selection import (
     at_least,
     bracket_bounds,
+    count_true,
     flat_nonzero,
     kth_score_per_token,
     score_bracket,
@@ -155,6 +157,9 @@ class L2EInhibitor:
                 self._reg_terms[layer_id] = term * self._reg_scale(flat.shape[0])
             return out
         elif slots.selecting and self.cfg.method == "memel":
+            if compact_selection(z.device) and z.is_contiguous():
+                return CompactReverseDeactivation.apply(z, flat_nonzero(ev.selected), ev.mu.to(z.dtype),
+                                                        self.cfg.rd_strength)
             return ReverseDeactivation.apply(z, ev.selected.reshape(z.shape), ev.mu.to(z.dtype),
                                              self.cfg.rd_strength)
         return z
@@ -425,9 +430,9 @@ class L2EInhibitor:
             lo, ev.bound, hi = self._constants(st, d2.dtype)[2]
             ev.selected = at_least(d2, ev.bound)
             if slots is not None:
-                buf[slots.scalar(N_SEL)] += ev.selected.sum()
-                buf[slots.scalar(N_LO)] += (d2 >= lo).sum()
-                buf[slots.scalar(N_HI)] += (d2 >= hi).sum()
+                buf[slots.scalar(N_SEL)] += count_true(ev.selected)
+                buf[slots.scalar(N_LO)] += count_true(at_least(d2, lo))
+                buf[slots.scalar(N_HI)] += count_true(at_least(d2, hi))
             return
         # top-k needs the scores themselves (in place unless the dense regularizer still needs d2)
         ev.phi = d2 * ev.inv_denom if self.cfg.method == "l2e" else d2.mul_(ev.inv_denom)
@@ -435,7 +440,7 @@ class L2EInhibitor:
         self.collective_count += self.tp_size > 1
         ev.selected = at_least(ev.phi, ev.thr)
         if slots is not None:
-            buf[slots.scalar(N_SEL)] += ev.selected.sum()
+            buf[slots.scalar(N_SEL)] += count_true(ev.selected)
 
     def _select_compact(self, st: LayerState, slots: Slots, ev: _Evaluation, d2: Tensor, flat: Tensor,
                         record: bool) -> tuple[Tensor, Tensor]:

@@ -9,7 +9,8 @@ L2E regularizer: value = SUM_selected log((z - mu)^2 + delta) with mu a constant
 Both pass z through and return the value as a second output, so that z's incoming gradient and the
 regularizer's meet in one backward (added in place where autograd holds no other reference to the gradient);
 neither adds a non-finite gradient for a non-finite activation (the LM gradient carries those).
-MEmeL reverse deactivation: z' = -D z + stopgrad(mu + D z) on the selected pairs (value mu, gradient -D).
+MEmeL reverse deactivation: z' = -D z + stopgrad(mu + D z) on the selected pairs (value mu, gradient -D); on
+the CPU likewise through the selected pairs' indices (CompactReverseDeactivation).
 """
 
 from __future__ import annotations
@@ -168,3 +169,25 @@ class ReverseDeactivation(torch.autograd.Function):
         if writable_gradient(grad_out):  # g * (1 - (1 + D) [selected]) in one pass, no temporary
             return grad_out.addcmul_(grad_out, selected, value=-(1.0 + ctx.strength)), None, None, None
         return torch.where(selected, -ctx.strength * grad_out, grad_out), None, None, None
+
+
+class CompactReverseDeactivation(torch.autograd.Function):
+    """ReverseDeactivation with the selected pairs as flat indices (CPU; top-k selects k of a token's neurons):
+    the forward writes mu into a copy of z at those pairs only, the backward scales only their gradient by -D
+    (in place where writable_gradient allows it), instead of two passes over activation-sized masks."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, index: Tensor, mu: Tensor, strength: float):
+        ctx.save_for_backward(index)
+        ctx.strength = strength
+        out = z.clone(memory_format=torch.contiguous_format)
+        out.view(-1).index_copy_(0, index, mu.index_select(0, index.remainder(z.shape[-1])))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (index,) = ctx.saved_tensors
+        grad = grad_out if writable_gradient(grad_out) else grad_out.clone(memory_format=torch.contiguous_format)
+        flat = grad.view(-1)
+        flat.index_copy_(0, index, flat.index_select(0, index).mul_(-ctx.strength))
+        return grad, None, None, None

