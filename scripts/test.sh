@@ -8,4 +8,4 @@ bash scripts/setup.sh
 bash scripts/local_slurm.sh install
 export OMP_NUM_THREADS=1 L2E_NO_SKIPS=1
 python3 -m ruff check .
-python3 -m pytest -q -p no:warnings "$@"
+python3 -m pytest -q -p no:warnings --durations=30 "$@"  # the slowest 30: where the suite's time goes

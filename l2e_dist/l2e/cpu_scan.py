@@ -11,15 +11,19 @@ It gives the eager path's selection exactly: d, d^2 and phi are the same fp32 op
 Python float. The sums are accumulated in fp64 (eager: fp32 column sums added into the fp64 step buffer), so
 they agree to fp32 rounding, not bitwise. tests/test_l2e_numerics.py checks both.
 
-Built with torch.utils.cpp_extension (g++ and ninja, both DeepSpeed requirements) into torch's extension
-cache, so later processes only load it. Without a compiler, or with L2E_CPU_KERNEL=0, the eager path runs.
+Built with torch.utils.cpp_extension (g++ and ninja, both DeepSpeed requirements) into
+~/.cache/torch_extensions/l2e/ (or $TORCH_EXTENSIONS_DIR) under a name hashed from its source, flags and torch
+version, so later processes import the built module directly (0.06 s; load_inline's ninja check took 0.4 s). Without a compiler, or with L2E_CPU_KERNEL=0, the eager path runs.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import os
 import warnings
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -116,16 +120,46 @@ std::vector<torch::Tensor> threshold_scan(torch::Tensor z, torch::Tensor mu, tor
 """
 
 
+_CFLAGS = ["-O3", "-ffp-contract=off"]
+
+
+def _build_name() -> str:
+    """The extension's name, unique to its source, flags and torch version: a built module of that name is it."""
+    digest = hashlib.sha256("\0".join([_SOURCE, *_CFLAGS, torch.__version__]).encode()).hexdigest()
+    return f"l2e_cpu_threshold_scan_{digest[:16]}"
+
+
+def _load_built(name: str, directory: Path):
+    """Import an already built module directly: load_inline would run ninja to check it (~0.4 s a process)."""
+    built = directory / f"{name}.so"
+    if not built.is_file():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, built)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except (ImportError, OSError):  # a damaged build: load_inline builds it again
+        return None
+
+
 @functools.cache
 def _kernel():
     """The built extension, or None (opted out, or no compiler: warned once)."""
     if os.environ.get("L2E_CPU_KERNEL", "1") == "0":
         return None
+    name = _build_name()
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions" / "l2e"
+    directory = Path(root) / name
+    module = _load_built(name, directory)
+    if module is not None:
+        return module
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name="l2e_cpu_threshold_scan_v3", cpp_sources=_SOURCE, functions=["threshold_scan"],
-                           extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
+        directory.mkdir(parents=True, exist_ok=True)
+        return load_inline(name=name, cpp_sources=_SOURCE, functions=["threshold_scan"], extra_cflags=_CFLAGS,
+                           build_directory=str(directory), verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means: run the eager path
         warnings.warn(f"l2e: the fused CPU threshold scan could not be built ({type(error).__name__}: "
                       f"{str(error).splitlines()[0] if str(error) else ''}); the eager path runs (slower). "
