@@ -13,7 +13,8 @@ they agree to fp32 rounding, not bitwise. tests/test_l2e_numerics.py checks both
 
 Built with torch.utils.cpp_extension (g++ and ninja, both DeepSpeed requirements) into
 ~/.cache/torch_extensions/l2e/ (or $TORCH_EXTENSIONS_DIR) under a name hashed from its source, flags and torch
-version, so later processes import the built module directly (0.06 s; load_inline's ninja check took 0.4 s). Without a compiler, or with L2E_CPU_KERNEL=0, the eager path runs.
+version, so later processes import the built module directly (0.06 s; load_inline's ninja check took 0.4 s).
+Without a compiler, or with L2E_CPU_KERNEL=0, the eager path runs.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ _SOURCE = r"""
 #include <vector>
 
 // One row: d = z - mu, phi = d^2 * inv (fp32, as eager), the column sums into fp32 block accumulators, the
-// bracket counts and the selection as bytes (0/1). Separate simple loops over restrict pointers so that the compiler vectorises them; cloned
-// for AVX2 and the baseline ISA (picked at load time).
+// bracket counts and the selection as bytes (0/1). Separate simple loops over restrict pointers so that the
+// compiler vectorises them; cloned for AVX2 and the baseline ISA (picked at load time).
 __attribute__((target_clones("avx2", "default")))
 static void scan_row(const float* __restrict__ row, const float* __restrict__ mu, const float* __restrict__ inv,
                      float* __restrict__ d, float* __restrict__ phi, float* __restrict__ acc1,
@@ -95,11 +96,9 @@ std::vector<torch::Tensor> threshold_scan(torch::Tensor z, torch::Tensor mu, tor
         uint64_t word;
         std::memcpy(&word, sel.data() + j, 8);
         while (word) {
-          const int64_t k = j + (__builtin_ctzll(word) >> 3);
-          if (k < width) {
-            index.push_back(r * width + k);
-            selected_d.push_back(d[k]);
-          }
+          const int64_t k = j + (__builtin_ctzll(word) >> 3);  // the padding bytes stay 0: k < width
+          index.push_back(r * width + k);
+          selected_d.push_back(d[k]);
           word &= word - 1;
         }
       }

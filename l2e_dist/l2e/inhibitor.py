@@ -417,11 +417,16 @@ class L2EInhibitor:
             if self.tp_rank == 0:
                 buf[slots.scalar(COUNT)] += flat.shape[0]
             buf[slots.scalar(SCORE)] += (sum2 * inv_denom).sum()
-            buf[slots.scalar(N_LO)] += n_lo
-            buf[slots.scalar(N_SEL)] += ev.index.numel()
-            buf[slots.scalar(N_HI)] += n_hi
+            self._add_bracket_counts(slots, n_lo, ev.index.numel(), n_hi)
             buf[slots.scalar(REG)] += reg_value
         return ev, reg_value, coef
+
+    def _add_bracket_counts(self, slots: Slots, n_lo, n_sel, n_hi) -> None:
+        """Add one apply()'s counts of scores >= tau/r, tau, tau*r to the step's sums (threshold.py's input)."""
+        buf = self._buf
+        buf[slots.scalar(N_LO)] += n_lo
+        buf[slots.scalar(N_SEL)] += n_sel
+        buf[slots.scalar(N_HI)] += n_hi
 
     def _select_dense(self, st: LayerState, ev: _Evaluation, d2: Tensor, slots: Slots | None = None) -> None:
         """Selection as a mask (threshold or per-token top-k); with `slots`, adds the counts to the sums."""
@@ -430,9 +435,8 @@ class L2EInhibitor:
             lo, ev.bound, hi = self._constants(st, d2.dtype)[2]
             ev.selected = at_least(d2, ev.bound)
             if slots is not None:
-                buf[slots.scalar(N_SEL)] += count_true(ev.selected)
-                buf[slots.scalar(N_LO)] += count_true(at_least(d2, lo))
-                buf[slots.scalar(N_HI)] += count_true(at_least(d2, hi))
+                self._add_bracket_counts(slots, count_true(at_least(d2, lo)), count_true(ev.selected),
+                                         count_true(at_least(d2, hi)))
             return
         # top-k needs the scores themselves (in place unless the dense regularizer still needs d2)
         ev.phi = d2 * ev.inv_denom if self.cfg.method == "l2e" else d2.mul_(ev.inv_denom)
@@ -445,7 +449,7 @@ class L2EInhibitor:
     def _select_compact(self, st: LayerState, slots: Slots, ev: _Evaluation, d2: Tensor, flat: Tensor,
                         record: bool) -> tuple[Tensor, Tensor]:
         """Selection as flat indices (CPU); returns the regularizer value and the selected pairs' derivatives."""
-        buf, neuron = self._buf, None
+        neuron = None
         if not self.cfg.uses_threshold:
             self._select_dense(st, ev, d2, slots if record else None)
             ev.index = flat_nonzero(ev.selected)
@@ -453,9 +457,7 @@ class L2EInhibitor:
             ev.phi = d2.mul_(ev.inv_denom)
             n_lo, ev.index, neuron, n_hi = threshold_indices(ev.phi, *self._bracket(st), self._scratch_view(torch.bool, d2).numpy())
             if record:
-                buf[slots.scalar(N_LO)] += n_lo
-                buf[slots.scalar(N_SEL)] += ev.index.numel()
-                buf[slots.scalar(N_HI)] += n_hi
+                self._add_bracket_counts(slots, n_lo, ev.index.numel(), n_hi)
         return selected_log_square(flat, ev.mu, ev.index, self.cfg.delta, neuron)
 
     def _reg_scale(self, local_tokens: int) -> float:
