@@ -12,7 +12,7 @@ from l2e_dist.config import load_config
 from l2e_dist.config_utils import ConfigError, build
 from l2e_dist.l2e import L2EConfig, L2EInhibitor, cpu_scan
 from l2e_dist.l2e import inhibitor as inhibitor_module
-from l2e_dist.l2e.inhibitor import NonFiniteActivations
+from l2e_dist.l2e.merge import NonFiniteActivations
 from l2e_dist.l2e.regularizer import writable_gradient
 from l2e_dist.l2e.state_io import L2EStateError
 from l2e_dist.l2e.threshold import (

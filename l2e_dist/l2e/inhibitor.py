@@ -13,15 +13,12 @@ Call order per optimizer step: for each micro-batch `apply` (via the forward hoo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from l2e_dist.errors import UserError
 from l2e_dist.l2e import cpu_scan, fkr, merge, reduction
 from l2e_dist.l2e.config import L2EConfig
-from l2e_dist.l2e.merge import NUM_METRICS, merge_layer
+from l2e_dist.l2e.merge import NUM_METRICS
 from l2e_dist.l2e.reduction import COUNT, N_HI, N_LO, N_SEL, REG, SCORE, Slots
 from l2e_dist.l2e.regularizer import (
     CompactReverseDeactivation,
@@ -30,9 +27,11 @@ from l2e_dist.l2e.regularizer import (
     ReverseDeactivation,
     compact_selection,
     log_square_terms,
+    loss_scale,
     selected_log_square,
 )
 from l2e_dist.l2e.selection import (
+    Selection,
     at_least,
     bracket_bounds,
     count_true,
@@ -44,26 +43,6 @@ from l2e_dist.l2e.selection import (
 from l2e_dist.l2e.state_io import load_layer_states, save_layer_states
 from l2e_dist.l2e.statistics import LayerState, fresh_state, refresh_derived
 from l2e_dist.l2e.threshold import HIST_BINS, histogram_counts
-
-
-class NonFiniteActivations(UserError, RuntimeError):
-    """Raised after `l2e.max_nonfinite_steps` consecutive steps with NaN/inf activations in one layer. The
-    finite check follows the step's all-reduce, so every rank raises it: the CLI prints one line, exit 2."""
-
-    agreed = True
-
-
-@dataclass
-class _Evaluation:
-    """What one apply() call computed (compute dtype: fp64 for fp64 input, else fp32)."""
-
-    mu: Tensor
-    inv_denom: Tensor | None = None
-    bound: Tensor | None = None  # threshold retrieval: per-neuron bound on (z - mu)^2 (tau / inv_denom)
-    thr: Tensor | None = None  # top-k retrieval: the k-th score per token [tokens, 1]
-    selected: Tensor | None = None  # bool [tokens, local_width] (dense forms)
-    index: Tensor | None = None  # flat indices of the selected pairs (compact form)
-    phi: Tensor | None = None
 
 
 class L2EInhibitor:
@@ -154,7 +133,8 @@ class L2EInhibitor:
                 out, term = DenseSelectedLogSquare.apply(z, reg_value, ev.mu, ev.bound, ev.inv_denom, ev.thr,
                                                          self.cfg.delta)
             if not recompute:
-                self._reg_terms[layer_id] = term * self._reg_scale(flat.shape[0])
+                self._reg_terms[layer_id] = term * loss_scale(self.cfg, flat.shape[0], self.dp_size,
+                                                               self.micro_batches_per_step)
             return out
         elif slots.selecting and self.cfg.method == "memel":
             if compact_selection(z.device) and z.is_contiguous():
@@ -175,7 +155,7 @@ class L2EInhibitor:
             return None
         flat = z.reshape(-1, self.local_width)
         with torch.no_grad():
-            ev = _Evaluation(mu=st.mean[self._neurons].to(self._compute_dtype(flat)))
+            ev = Selection(mu=st.mean[self._neurons].to(self._compute_dtype(flat)))
             ev.inv_denom = st.inv_denom[self._neurons].to(ev.mu.dtype)
             d2 = (flat - ev.mu).square_()
             self._select_dense(st, ev, d2)
@@ -220,61 +200,21 @@ class L2EInhibitor:
         raises NonFiniteActivations naming the layer and the step (`step`: the trainer's step number, for it)."""
         if self._recorded:
             raise RuntimeError("end_step: call finish_micro_batch() after each micro-batch's backward first")
-        if self._buf is None or self._micro_batches == 0 or not self.cfg.enabled:
+        # not applied: the same decision on every rank (DeepSpeed agrees on overflow), so no collective either
+        if self._buf is None or self._micro_batches == 0 or not self.cfg.enabled or not applied:
             self._reset_step()
             return
-        if not applied:  # same decision on every rank (DeepSpeed agrees on overflow): no collective either
-            self._reset_step()
-            return
-        buf, slots = self._buf, self._slots
-        if reduction.all_reduce_step(buf, self.reduce_group):
+        if reduction.all_reduce_step(self._buf, self.reduce_group):
             self.collective_count += 1
-        finite = reduction.finite_regions(buf, slots).tolist()  # the one host read per optimizer step
-        rows, merged = [], []
-        for ok, lid in zip(finite, self.layer_ids, strict=True):
-            st = self._layers[lid]
-            if ok:
-                st.consecutive_nonfinite = 0
-                rows.append(merge_layer(st, slots[lid], buf, self.cfg, self.num_neurons, self._shift_dtype,
-                                        self._num_features, self._step_labelled))
-                merged.append(lid)
-            else:
-                st.nonfinite_steps += 1
-                st.consecutive_nonfinite += 1
-                rows.append(torch.zeros(NUM_METRICS, dtype=torch.float64, device=self.device))
-        merge.move_thresholds([(self._layers[lid], slots[lid]) for lid in merged], buf, self.cfg, self.num_neurons)
-        for lid in merged:
-            refresh_derived(self._layers[lid], self.cfg.eps)
-        self._metric_acc += torch.stack(rows)
+        self._metric_acc += merge.merge_layers(self._layers, self._slots, self._buf, self.cfg, self.num_neurons,
+                                               self._shift_dtype, self._num_features, self._step_labelled)
         self.steps_ended += 1
         self._reset_step()
-        for lid in self.layer_ids:
-            st = self._layers[lid]
-            if st.consecutive_nonfinite >= self.cfg.max_nonfinite_steps:
-                raise NonFiniteActivations(
-                    f"L2E layer {lid}: NaN/inf activations in {st.consecutive_nonfinite} consecutive optimizer "
-                    f"steps (the last one is step {step if step is not None else self.steps_ended}): the model "
-                    f"diverged; lower "
-                    f"optimizer.lr or resume from an earlier checkpoint (l2e.max_nonfinite_steps sets the limit)")
+        merge.check_diverged(self._layers, self.cfg.max_nonfinite_steps, step if step is not None else self.steps_ended)
 
     def metrics(self) -> dict[str, float]:
         """Per-layer averages over the optimizer steps ended since the previous call (then reset)."""
-        acc = self._metric_acc.tolist()
-        taus = torch.stack([self._layers[lid].tau for lid in self.layer_ids]).tolist()
-        out: dict[str, float] = {}
-        for row, lid, tau in zip(acc, self.layer_ids, taus, strict=True):
-            st, prefix = self._layers[lid], f"l2e/layer{lid}/"
-            if self.cfg.uses_threshold and st.tau_ready:
-                out[prefix + "threshold"] = tau
-            if row[merge.M_SEL_ELEMS] > 0:
-                out[prefix + "selected_frac"] = row[merge.M_SEL] / row[merge.M_SEL_ELEMS]
-            if row[merge.M_REG_STEPS] > 0 and self.cfg.method == "l2e":
-                out[prefix + "reg"] = row[merge.M_REG] / row[merge.M_REG_STEPS]
-            if row[merge.M_SCORE_ELEMS] > 0:
-                out[prefix + "mean_score"] = row[merge.M_SCORE] / row[merge.M_SCORE_ELEMS]
-            if row[merge.M_FKR_DEN] > 0:
-                out[prefix + "fkr"] = row[merge.M_FKR_NUM] / row[merge.M_FKR_DEN]
-            out[prefix + "nonfinite_steps"] = float(st.nonfinite_steps)
+        out = merge.metric_values(self._metric_acc, self._layers, self.cfg)
         self._metric_acc.zero_()
         return out
 
@@ -285,8 +225,9 @@ class L2EInhibitor:
     def load_state_dict(self, sd: dict, writer_micro_batches_per_step: int | None = None) -> None:
         """Restore a state_dict(). A legacy v1 state (per micro-batch) loads only when the run that wrote it had
         one micro-batch per step (`writer_micro_batches_per_step` == 1), where it means the same."""
-        self._layers = load_layer_states(sd, self.num_neurons, self.layer_ids, self._num_features, self.device,
-                                         accept_v1=writer_micro_batches_per_step == 1)
+        loaded = load_layer_states(sd, self.num_neurons, self.layer_ids, self._num_features, self.device,
+                                   accept_v1=writer_micro_batches_per_step == 1)
+        self._layers = {lid: loaded[lid] for lid in self.layer_ids}  # the step buffer's and metrics' order
         for st in self._layers.values():
             refresh_derived(st, self.cfg.eps)
         self._reset_step()
@@ -353,13 +294,13 @@ class L2EInhibitor:
         return buf[:like.numel()].view(like.shape)
 
     def _evaluate(self, st: LayerState, slots: Slots, flat: Tensor, *, record: bool, compact: bool,
-                  regularize: bool) -> tuple[_Evaluation, Tensor | None, Tensor | None]:
+                  regularize: bool) -> tuple[Selection, Tensor | None, Tensor | None]:
         """Sums, selection and regularizer value for one apply() (no host sync). Works through ONE
         activation-sized temporary d = z - mu, squared in place once its sum is taken; a recompute (`record`
         False) adds nothing to the sums but returns the same selection."""
         cfg, buf, neurons = self.cfg, self._buf, self._neurons
         consts = self._constants(st, self._compute_dtype(flat))
-        ev = _Evaluation(mu=consts[0])
+        ev = Selection(mu=consts[0])
         self._shift_dtype = ev.mu.dtype
         need_phi = slots.calibrating or (record and slots.scoring and self._features is not None
                                          and self._num_features > 0)
@@ -404,8 +345,8 @@ class L2EInhibitor:
                 buf[slots.hist:slots.hist + HIST_BINS] += histogram_counts(phi)
         return ev, reg_value, coef
 
-    def _evaluate_fused(self, st: LayerState, slots: Slots, flat: Tensor, ev: _Evaluation, inv_denom: Tensor,
-                        record: bool) -> tuple[_Evaluation, Tensor, Tensor]:
+    def _evaluate_fused(self, st: LayerState, slots: Slots, flat: Tensor, ev: Selection, inv_denom: Tensor,
+                        record: bool) -> tuple[Selection, Tensor, Tensor]:
         """_evaluate's selecting compact step in one pass of the CPU kernel (cpu_scan.py), no temporary."""
         buf, neurons = self._buf, self._neurons
         ev.inv_denom = inv_denom
@@ -428,7 +369,7 @@ class L2EInhibitor:
         buf[slots.scalar(N_SEL)] += n_sel
         buf[slots.scalar(N_HI)] += n_hi
 
-    def _select_dense(self, st: LayerState, ev: _Evaluation, d2: Tensor, slots: Slots | None = None) -> None:
+    def _select_dense(self, st: LayerState, ev: Selection, d2: Tensor, slots: Slots | None = None) -> None:
         """Selection as a mask (threshold or per-token top-k); with `slots`, adds the counts to the sums."""
         buf = self._buf
         if self.cfg.uses_threshold:
@@ -446,7 +387,7 @@ class L2EInhibitor:
         if slots is not None:
             buf[slots.scalar(N_SEL)] += count_true(ev.selected)
 
-    def _select_compact(self, st: LayerState, slots: Slots, ev: _Evaluation, d2: Tensor, flat: Tensor,
+    def _select_compact(self, st: LayerState, slots: Slots, ev: Selection, d2: Tensor, flat: Tensor,
                         record: bool) -> tuple[Tensor, Tensor]:
         """Selection as flat indices (CPU); returns the regularizer value and the selected pairs' derivatives."""
         neuron = None
@@ -459,10 +400,3 @@ class L2EInhibitor:
             if record:
                 self._add_bracket_counts(slots, n_lo, ev.index.numel(), n_hi)
         return selected_log_square(flat, ev.mu, ev.index, self.cfg.delta, neuron)
-
-    def _reg_scale(self, local_tokens: int) -> float:
-        """After DeepSpeed's averaging over DP ranks and micro-batches, the gradient is that of the step's global
-        regularizer: "sum" multiplies the local sum back, "mean" divides it by the local token count."""
-        if self.cfg.reduction == "sum":
-            return self.cfg.reg_lambda * self.dp_size * self.micro_batches_per_step
-        return self.cfg.reg_lambda / max(local_tokens, 1)

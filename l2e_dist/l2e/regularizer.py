@@ -20,10 +20,21 @@ import sys
 import torch
 from torch import Tensor
 
+from l2e_dist.l2e.config import L2EConfig
+
 
 def compact_selection(device: torch.device) -> bool:
     """Work on the selected pairs through an index list where that costs no host sync: on the CPU."""
     return device.type == "cpu"
+
+
+def loss_scale(cfg: L2EConfig, local_tokens: int, dp_size: int, micro_batches_per_step: int) -> float:
+    """The factor on this micro-batch's regularizer value such that, after DeepSpeed's averaging over DP ranks
+    and micro-batches, the gradient is that of the step's global regularizer: "sum" multiplies the local sum
+    back, "mean" divides it by the local token count."""
+    if cfg.reduction == "sum":
+        return cfg.reg_lambda * dp_size * micro_batches_per_step
+    return cfg.reg_lambda / max(local_tokens, 1)
 
 
 def log_square_derivative(d: Tensor, delta: float) -> Tensor:

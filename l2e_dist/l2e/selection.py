@@ -9,11 +9,26 @@ all_gather of k values per token over the TP group). Ties at the k-th value sele
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+@dataclass
+class Selection:
+    """What one apply() selected, with the constants it compared against (compute dtype: fp64 for fp64 input,
+    else fp32)."""
+
+    mu: Tensor
+    inv_denom: Tensor | None = None
+    bound: Tensor | None = None  # threshold retrieval: per-neuron bound on (z - mu)^2 (tau / inv_denom)
+    thr: Tensor | None = None  # top-k retrieval: the k-th score per token [tokens, 1]
+    selected: Tensor | None = None  # bool [tokens, local_width] (dense forms)
+    index: Tensor | None = None  # flat indices of the selected pairs (compact form)
+    phi: Tensor | None = None
 
 
 def bracket_bounds(bound: Tensor, half_width: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
