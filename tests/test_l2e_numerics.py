@@ -143,14 +143,15 @@ def test_threshold_converges_on_any_tail_and_follows_a_shift(kind):
     p, n, half, settle = 0.02, 20_000, 600, 40
     gen = torch.Generator().manual_seed(3)
     tau = histogram_quantile(histogram_counts(_scores(kind, n, gen, False)), 1 - p)
-    width = torch.tensor(INITIAL_HALF_WIDTH, dtype=F64)
+    width = INITIAL_HALF_WIDTH
     fractions = []
     for t in range(2 * half):
         s = _scores(kind, n, gen, t >= half)
-        counts = torch.stack([(s >= tau / width.exp()).sum(), (s >= tau).sum(), (s >= tau * width.exp()).sum()])
-        fractions.append(counts[1].item() / n)
-        tau, width = update_threshold(tau, width, counts.to(F64), torch.tensor(float(n), dtype=F64), p, 0.5)
-        assert tau.isfinite() and width.isfinite()
+        r = math.exp(width)
+        counts = tuple(float((s >= bound).sum()) for bound in (tau / r, tau, tau * r))
+        fractions.append(counts[1] / n)
+        tau, width = update_threshold(tau, width, counts, float(n), p, 0.5)
+        assert math.isfinite(tau) and math.isfinite(width)
     f = torch.tensor(fractions)
     settled = torch.cat([f[settle:half], f[half + settle:]])
     assert abs(settled.mean().item() - p) < 0.1 * p, kind
@@ -214,15 +215,28 @@ def test_dense_regularizer_path_equals_compact(monkeypatch, retrieval):
             torch.testing.assert_close(value, s_compact["layers"][0][key], rtol=1e-6, atol=1e-9, msg=key)
 
 
-def test_fused_cpu_scan_equals_the_eager_scan(monkeypatch):
-    """The CPU kernel (cpu_scan.py) selects exactly the eager path's pairs, with its values and gradients, and
-    sums the statistics to fp32 rounding; a width that is no multiple of 8 exercises its byte scan's tail."""
+FUSED_CASES = {  # method -> (inhibitor settings, the kernel entry point it must use)
+    "l2e": ({"inhibit_ratio": 0.05, "reg_lambda": 0.1}, "threshold_scan"),
+    "memel": ({"method": "memel", "retrieval": "topk", "topk": 1}, "top1_scan"),
+    "l2e_top1": ({"retrieval": "topk", "topk": 1, "reg_lambda": 0.1}, "top1_scan"),
+}
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_cpu_scan_equals_the_eager_scan(monkeypatch, case):
+    """The CPU kernel (cpu_scan.py) selects exactly the eager path's pairs, with its outputs and gradients, and
+    sums the statistics to fp32 rounding; a width that is no multiple of 8 exercises its byte scan's tail, and
+    an inf and a NaN activation the non-finite handling."""
     assert cpu_scan.available(), "the fused CPU scan did not build: g++ and ninja are needed (scripts/setup.sh)"
+    settings, entry = FUSED_CASES[case]
     width = 21
     gen = torch.Generator().manual_seed(7)
     batches = [torch.nn.functional.gelu(torch.randn(2, 64, width, generator=gen)) for _ in range(8)]
+    batches[-1][0, 7, 2] = math.inf
+    batches[-1][1, 9, 4] = math.nan  # second micro-batch: the state before it is finite either way
+    upstream = torch.randn(64, width, generator=gen)
     fused_calls = []
-    kernel = cpu_scan.threshold_scan
+    kernel = getattr(cpu_scan, entry)
 
     def counted(*args):
         fused_calls.append(1)
@@ -230,27 +244,67 @@ def test_fused_cpu_scan_equals_the_eager_scan(monkeypatch):
 
     def run(fused: bool):
         monkeypatch.setattr(cpu_scan, "usable", lambda flat, mu: fused)
-        monkeypatch.setattr(cpu_scan, "threshold_scan", counted)
-        inh = make(width, inhibit_ratio=0.05, reg_lambda=0.1)
-        grads = [train_step(inh, z[:1], z[1:]) for z in batches]
-        return grads, inh.metrics(), inh.state_dict()
+        monkeypatch.setattr(cpu_scan, entry, counted)
+        inh = make(width, **settings)
+        steps = []
+        for z_step in batches:
+            outs = []
+            for z in z_step:
+                z = z.clone().requires_grad_()
+                out = inh.apply(0, z)
+                (inh.regularization_loss() + (out * upstream).sum()).backward()
+                inh.finish_micro_batch()
+                outs.append((out.detach(), z.grad))
+            inh.end_step()
+            steps.append(outs)
+        return steps, inh.metrics(), inh.state_dict()
 
-    g_eager, m_eager, s_eager = run(False)
+    eager, m_eager, s_eager = run(False)
     assert not fused_calls
-    g_fused, m_fused, s_fused = run(True)
-    assert len(fused_calls) == 2 * (len(batches) - 3)  # 2 micro-batches per step once selecting (late_start 2 + 1)
-    assert len(g_eager) == len(g_fused) == len(batches)
-    assert sum(bool(g.any()) for step in g_fused for g in step) >= 8  # the regularizer really acted
-    for step_eager, step_fused in zip(g_eager, g_fused, strict=True):
-        for a, b in zip(step_eager, step_fused, strict=True):
-            assert torch.equal(a != 0, b != 0)  # the same selected pairs
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    fused, m_fused, s_fused = run(True)
+    # 2 micro-batches per step once selecting: after late_start 2 (+ the threshold's calibration step)
+    assert len(fused_calls) == 2 * (len(batches) - (3 if entry == "threshold_scan" else 2))
+    assert len(eager) == len(fused) == len(batches)
+    acted = 0
+    for step_eager, step_fused, z_step in zip(eager, fused, batches, strict=True):
+        for (out_e, grad_e), (out_f, grad_f), z in zip(step_eager, step_fused, z_step, strict=True):
+            assert torch.equal(out_e.isnan(), out_f.isnan())
+            torch.testing.assert_close(out_f, out_e, rtol=1e-6, atol=1e-9, equal_nan=True)  # mu: to fp32 rounding
+            changed = (grad_e != upstream) if case != "memel" else (out_e != z)
+            assert torch.equal(changed, (grad_f != upstream) if case != "memel" else (out_f != z))  # same pairs
+            torch.testing.assert_close(grad_f, grad_e, rtol=1e-6, atol=1e-9, equal_nan=True)
+            acted += int(changed.any())
+    assert acted >= 8  # the inhibition really acted
     assert m_eager.keys() == m_fused.keys()
     for key, value in m_eager.items():
         assert m_fused[key] == pytest.approx(value, rel=1e-6), key
     for key, value in s_eager["layers"][0].items():
         if isinstance(value, torch.Tensor):
             torch.testing.assert_close(value, s_fused["layers"][0][key], rtol=1e-6, atol=1e-9, msg=key)
+
+
+def test_top1_kernel_takes_every_tie_and_nothing_from_a_row_with_a_nan():
+    """The kernel's top-1 rule is eager's `phi >= amax(phi)` per row: all tied maxima, +inf a maximum, and no pair
+    of a row holding a NaN (amax is NaN there); also the d it returns and its column sums."""
+    assert cpu_scan.available(), "the fused CPU scan did not build: g++ and ninja are needed (scripts/setup.sh)"
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randn(40, 19, generator=gen)
+    z[1, [2, 7, 18]] = 9.0  # three tied maxima (mu = 0, inv = 1: phi = z^2)
+    z[2, 4], z[2, 11] = 9.0, -9.0  # tied by the square
+    z[3] = 0.5  # a whole row tied
+    z[4, 6] = math.inf
+    z[5, 3] = math.nan
+    z[6, 0] = -math.inf
+    mu, inv = torch.zeros(19), torch.ones(19)
+    index, d, sum1, sum2 = cpu_scan.top1_scan(z, mu, inv)
+    phi = (z - mu).square() * inv
+    want = (phi >= phi.amax(dim=1, keepdim=True)).reshape(-1).nonzero().squeeze(1)
+    assert torch.equal(index, want)
+    assert {int(i) // 19 for i in index}.isdisjoint({5}) and int((index // 19 == 3).sum()) == 19
+    assert int((index // 19 == 1).sum()) == 3 and int((index // 19 == 2).sum()) == 2
+    torch.testing.assert_close(d, (z - mu).reshape(-1)[index])
+    for got, want in ((sum1, z.double().sum(0)), (sum2, z.double().square().sum(0))):  # fp32 blocks of 32 rows
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 class _AddOneWhereWritable(torch.autograd.Function):

@@ -1,8 +1,9 @@
-"""The CPU threshold scan as one fused loop (a small C++ kernel built on first use, the eager path kept).
+"""The CPU selecting scan as one fused loop (a small C++ kernel built on first use, the eager path kept).
 
 The compact (CPU) path of a selecting step makes, per inhibited layer and micro-batch: d = z - mu, the column
 sums of d and d^2, phi = d^2 * inv_denom, the counts of phi >= tau/r and phi >= tau*r, and the flat indices
-(with d) of phi >= tau. In eager torch/numpy that is about ten passes over an activation-sized buffer; on a
+(with d) of phi >= tau; with top-1 retrieval (MEmeL's default, TP = 1) the indices of each token's largest
+phi instead of the threshold's. In eager torch/numpy that is about ten passes over an activation-sized buffer; on a
 2-core AMD EPYC VM at the tiny shape (1024 tokens x 512 neurons) they took 2.4 ms per layer, the largest part
 of L2E's cost there. This kernel does it in one pass over z with no activation-sized temporary.
 
@@ -34,14 +35,13 @@ _SOURCE = r"""
 #include <cstring>
 #include <vector>
 
-// One row: d = z - mu, phi = d^2 * inv (fp32, as eager), the column sums into fp32 block accumulators, the
-// bracket counts and the selection as bytes (0/1). Separate simple loops over restrict pointers so that the
-// compiler vectorises them; cloned for AVX2 and the baseline ISA (picked at load time).
+// One row: d = z - mu, phi = d^2 * inv (fp32, as eager) and the column sums into fp32 block accumulators.
+// Simple loops over restrict pointers so that the compiler vectorises them; cloned for AVX2 and the baseline
+// ISA (picked at load time).
 __attribute__((target_clones("avx2", "default")))
-static void scan_row(const float* __restrict__ row, const float* __restrict__ mu, const float* __restrict__ inv,
-                     float* __restrict__ d, float* __restrict__ phi, float* __restrict__ acc1,
-                     float* __restrict__ acc2, uint8_t* __restrict__ sel, int64_t width, float lo, float mid,
-                     float hi, int64_t* n_lo, int64_t* n_hi) {
+static void score_row(const float* __restrict__ row, const float* __restrict__ mu, const float* __restrict__ inv,
+                      float* __restrict__ d, float* __restrict__ phi, float* __restrict__ acc1,
+                      float* __restrict__ acc2, int64_t width) {
   for (int64_t j = 0; j < width; ++j) {
     const float dj = row[j] - mu[j];
     const float d2 = dj * dj;
@@ -50,6 +50,12 @@ static void scan_row(const float* __restrict__ row, const float* __restrict__ mu
     acc1[j] += dj;
     acc2[j] += d2;
   }
+}
+
+// Threshold retrieval: the bracket counts of one row's scores and its selection as bytes (0/1).
+__attribute__((target_clones("avx2", "default")))
+static void bracket_row(const float* __restrict__ phi, uint8_t* __restrict__ sel, int64_t width, float lo,
+                        float mid, float hi, int64_t* n_lo, int64_t* n_hi) {
   int32_t lo_row = 0, hi_row = 0;
   for (int64_t j = 0; j < width; ++j) {
     lo_row += phi[j] >= lo ? 1 : 0;
@@ -60,11 +66,33 @@ static void scan_row(const float* __restrict__ row, const float* __restrict__ mu
   *n_hi += hi_row;
 }
 
-// One pass over z [rows, width] (fp32, contiguous): see l2e_dist/l2e/cpu_scan.py.
-std::vector<torch::Tensor> threshold_scan(torch::Tensor z, torch::Tensor mu, torch::Tensor inv_denom,
-                                          double lo, double mid, double hi) {
+// Top-1 retrieval: a row's selection is every pair at its largest score (ties included); none when a score is
+// NaN (eager: amax is NaN, and nothing compares >= NaN). phi = d^2 * inv is +0 or more, or NaN (inv > 0), and
+// for such floats the order of their bit patterns is their order, with every NaN above +inf: so the maximum and
+// the compares run on the bits as unsigned integers, which vectorise (a float max with NaN checks does not).
+__attribute__((target_clones("avx2", "default")))
+static void top1_row(const float* __restrict__ phi, uint8_t* __restrict__ sel, int64_t width) {
+  uint32_t top = 0;
+  for (int64_t j = 0; j < width; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, phi + j, 4);
+    top = bits > top ? bits : top;
+  }
+  const uint8_t finite = top > 0x7f800000u ? 0 : 1;  // above +inf's bits: a NaN
+  for (int64_t j = 0; j < width; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, phi + j, 4);
+    sel[j] = (bits >= top ? 1 : 0) & finite;
+  }
+}
+
+// One pass over z [rows, width] (fp32, contiguous): see l2e_dist/l2e/cpu_scan.py. `topk1`: top-1 retrieval,
+// else threshold retrieval at mid with the bracket counts at lo and hi.
+static std::vector<torch::Tensor> scan(torch::Tensor z, torch::Tensor mu, torch::Tensor inv_denom, bool topk1,
+                                       double lo, double mid, double hi) {
   TORCH_CHECK(z.dim() == 2 && z.scalar_type() == torch::kFloat32 && z.is_contiguous(), "z: 2-d contiguous fp32");
   const int64_t rows = z.size(0), width = z.size(1);
+  TORCH_CHECK(width > 0, "z: no neurons");
   TORCH_CHECK(mu.numel() == width && inv_denom.numel() == width, "mu, inv_denom: one value per neuron");
   TORCH_CHECK(mu.scalar_type() == torch::kFloat32 && inv_denom.scalar_type() == torch::kFloat32, "fp32 mu, inv");
   auto mu_c = mu.contiguous();
@@ -81,7 +109,7 @@ std::vector<torch::Tensor> threshold_scan(torch::Tensor z, torch::Tensor mu, tor
   std::vector<uint8_t> sel(width + 8, 0);  // padded: read 8 bytes at a time
   std::vector<int64_t> index;
   std::vector<float> selected_d;
-  index.reserve(static_cast<size_t>(rows * width / 32 + 16));
+  index.reserve(static_cast<size_t>(topk1 ? rows + 16 : rows * width / 32 + 16));
   selected_d.reserve(index.capacity());
   int64_t n_lo = 0, n_hi = 0;
   const int64_t block = 32;  // rows summed in fp32 before adding into the fp64 sums
@@ -90,9 +118,13 @@ std::vector<torch::Tensor> threshold_scan(torch::Tensor z, torch::Tensor mu, tor
     std::fill(acc2.begin(), acc2.end(), 0.0f);
     const int64_t r1 = std::min(rows, r0 + block);
     for (int64_t r = r0; r < r1; ++r) {
-      scan_row(zp + r * width, mp, ip, d.data(), phi.data(), acc1.data(), acc2.data(), sel.data(), width, flo,
-               fmid, fhi, &n_lo, &n_hi);
-      for (int64_t j = 0; j < width; j += 8) {  // ~p of the bytes are 1: skip 8 at a time, visit only the hits
+      score_row(zp + r * width, mp, ip, d.data(), phi.data(), acc1.data(), acc2.data(), width);
+      if (topk1) {
+        top1_row(phi.data(), sel.data(), width);
+      } else {
+        bracket_row(phi.data(), sel.data(), width, flo, fmid, fhi, &n_lo, &n_hi);
+      }
+      for (int64_t j = 0; j < width; j += 8) {  // few bytes are 1: skip 8 at a time, visit only the hits
         uint64_t word;
         std::memcpy(&word, sel.data() + j, 8);
         while (word) {
@@ -115,6 +147,15 @@ std::vector<torch::Tensor> threshold_scan(torch::Tensor z, torch::Tensor mu, tor
   std::copy(selected_d.begin(), selected_d.end(), d_t.data_ptr<float>());
   auto counts = torch::tensor({n_lo, n_hi}, torch::kInt64);
   return {index_t, d_t, sum1, sum2, counts};
+}
+
+std::vector<torch::Tensor> threshold_scan(torch::Tensor z, torch::Tensor mu, torch::Tensor inv_denom, double lo,
+                                          double mid, double hi) {
+  return scan(z, mu, inv_denom, false, lo, mid, hi);
+}
+
+std::vector<torch::Tensor> top1_scan(torch::Tensor z, torch::Tensor mu, torch::Tensor inv_denom) {
+  return scan(z, mu, inv_denom, true, 0.0, 0.0, 0.0);
 }
 """
 
@@ -157,7 +198,7 @@ def _kernel():
         from torch.utils.cpp_extension import load_inline
 
         directory.mkdir(parents=True, exist_ok=True)
-        return load_inline(name=name, cpp_sources=_SOURCE, functions=["threshold_scan"], extra_cflags=_CFLAGS,
+        return load_inline(name=name, cpp_sources=_SOURCE, functions=["threshold_scan", "top1_scan"], extra_cflags=_CFLAGS,
                            build_directory=str(directory), verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means: run the eager path
         warnings.warn(f"l2e: the fused CPU threshold scan could not be built ({type(error).__name__}: "
@@ -183,3 +224,10 @@ def threshold_scan(flat: Tensor, mu: Tensor, inv_denom: Tensor, lo: float, mid: 
     index, d, sum1, sum2, counts = _kernel().threshold_scan(flat.detach(), mu, inv_denom, lo, mid, hi)
     n_lo, n_hi = counts.tolist()
     return index, d, sum1, sum2, n_lo, n_hi
+
+
+def top1_scan(flat: Tensor, mu: Tensor, inv_denom: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(flat indices of each token's largest score, ties included, d = z - mu at them, column sums of d and
+    d^2 (fp64)) for flat [tokens, width]: top-1 retrieval (the MEmeL default) at TP = 1."""
+    index, d, sum1, sum2, _ = _kernel().top1_scan(flat.detach(), mu, inv_denom)
+    return index, d, sum1, sum2

@@ -79,12 +79,12 @@ class L2EInhibitor:
         self._layers = {lid: fresh_state(num_neurons, self._num_features, self.device) for lid in self.layer_ids}
         for st in self._layers.values():
             refresh_derived(st, cfg.eps)
-        self._metric_acc = torch.zeros(len(self.layer_ids), NUM_METRICS, dtype=torch.float64, device=self.device)
+        self._metric_acc = [[0.0] * NUM_METRICS for _ in self.layer_ids]  # host sums since the last metrics()
         # CPU (compact) scratch for z - mu, reused across layers and calls: a fresh multi-MB temporary on every
         # call costs page faults there. Nothing that outlives apply() points into it.
         # The threshold compares' bool mask likewise (dtype torch.bool).
         self._scratch: dict[torch.dtype, Tensor] = {}
-        if cfg.method == "l2e" and cfg.uses_threshold and compact_selection(self.device):
+        if cfg.enabled and self._fused_scan() and compact_selection(self.device):
             cpu_scan.available()  # build (first run on a machine: ~1 min) or load it now, not inside a step
         self._reset_step()
 
@@ -120,7 +120,8 @@ class L2EInhibitor:
         st, slots = self._layers[layer_id], self._step_slots()[layer_id]
         flat = z.reshape(-1, self.local_width)
         regularize = slots.selecting and self.cfg.method == "l2e"
-        compact = regularize and compact_selection(z.device)
+        # selection as flat indices (CPU); MEmeL's indexed deactivation writes into a contiguous copy of z
+        compact = slots.selecting and compact_selection(z.device) and (regularize or z.is_contiguous())
         with torch.no_grad():
             ev, reg_value, coef = self._evaluate(st, slots, flat, record=not recompute, compact=compact,
                                                  regularize=regularize)
@@ -137,9 +138,8 @@ class L2EInhibitor:
                                                                self.micro_batches_per_step)
             return out
         elif slots.selecting and self.cfg.method == "memel":
-            if compact_selection(z.device) and z.is_contiguous():
-                return CompactReverseDeactivation.apply(z, flat_nonzero(ev.selected), ev.mu.to(z.dtype),
-                                                        self.cfg.rd_strength)
+            if compact:
+                return CompactReverseDeactivation.apply(z, ev.index, ev.mu.to(z.dtype), self.cfg.rd_strength)
             return ReverseDeactivation.apply(z, ev.selected.reshape(z.shape), ev.mu.to(z.dtype),
                                              self.cfg.rd_strength)
         return z
@@ -206,8 +206,9 @@ class L2EInhibitor:
             return
         if reduction.all_reduce_step(self._buf, self.reduce_group):
             self.collective_count += 1
-        self._metric_acc += merge.merge_layers(self._layers, self._slots, self._buf, self.cfg, self.num_neurons,
-                                               self._shift_dtype, self._num_features, self._step_labelled)
+        rows = merge.merge_layers(self._layers, self._slots, self._buf, self.cfg, self.num_neurons, self._shift_dtype,
+                                  self._num_features, self._step_labelled)
+        self._metric_acc = [[a + b for a, b in zip(acc, row)] for acc, row in zip(self._metric_acc, rows)]
         self.steps_ended += 1
         self._reset_step()
         merge.check_diverged(self._layers, self.cfg.max_nonfinite_steps, step if step is not None else self.steps_ended)
@@ -215,7 +216,7 @@ class L2EInhibitor:
     def metrics(self) -> dict[str, float]:
         """Per-layer averages over the optimizer steps ended since the previous call (then reset)."""
         out = merge.metric_values(self._metric_acc, self._layers, self.cfg)
-        self._metric_acc.zero_()
+        self._metric_acc = [[0.0] * NUM_METRICS for _ in self.layer_ids]
         return out
 
     def state_dict(self) -> dict:
@@ -225,9 +226,8 @@ class L2EInhibitor:
     def load_state_dict(self, sd: dict, writer_micro_batches_per_step: int | None = None) -> None:
         """Restore a state_dict(). A legacy v1 state (per micro-batch) loads only when the run that wrote it had
         one micro-batch per step (`writer_micro_batches_per_step` == 1), where it means the same."""
-        loaded = load_layer_states(sd, self.num_neurons, self.layer_ids, self._num_features, self.device,
-                                   accept_v1=writer_micro_batches_per_step == 1)
-        self._layers = {lid: loaded[lid] for lid in self.layer_ids}  # the step buffer's and metrics' order
+        self._layers = load_layer_states(sd, self.num_neurons, self.layer_ids, self._num_features, self.device,
+                                         accept_v1=writer_micro_batches_per_step == 1)
         for st in self._layers.values():
             refresh_derived(st, self.cfg.eps)
         self._reset_step()
@@ -304,8 +304,8 @@ class L2EInhibitor:
         self._shift_dtype = ev.mu.dtype
         need_phi = slots.calibrating or (record and slots.scoring and self._features is not None
                                          and self._num_features > 0)
-        if compact and cfg.uses_threshold and not need_phi and cpu_scan.usable(flat, ev.mu):
-            return self._evaluate_fused(st, slots, flat, ev, consts[1], record)
+        if compact and not need_phi and self._fused_scan() and cpu_scan.usable(flat, ev.mu):
+            return self._evaluate_fused(st, slots, flat, ev, consts[1], record, regularize)
         d = self._deviation(flat, ev.mu, scratch=compact)
         if record:
             buf[slots.s1][neurons] += d.sum(0)
@@ -323,7 +323,9 @@ class L2EInhibitor:
         reg_value = coef = None
         if slots.selecting:
             if compact:
-                reg_value, coef = self._select_compact(st, slots, ev, d2, flat, record)
+                neuron = self._select_compact(st, slots, ev, d2, record)
+                if regularize:
+                    reg_value, coef = selected_log_square(flat, ev.mu, ev.index, cfg.delta, neuron)
             else:
                 self._select_dense(st, ev, d2, slots if record else None)
         if regularize and not compact:
@@ -345,21 +347,33 @@ class L2EInhibitor:
                 buf[slots.hist:slots.hist + HIST_BINS] += histogram_counts(phi)
         return ev, reg_value, coef
 
+    def _fused_scan(self) -> bool:
+        """Whether the CPU kernel does this layout's selecting scan: threshold retrieval, or top-1 at TP = 1
+        (top-1 over TP slices needs the other slices' maxima first)."""
+        return self.cfg.uses_threshold or (min(self.cfg.topk, self.num_neurons) == 1 and self.tp_size == 1)
+
     def _evaluate_fused(self, st: LayerState, slots: Slots, flat: Tensor, ev: Selection, inv_denom: Tensor,
-                        record: bool) -> tuple[Selection, Tensor, Tensor]:
+                        record: bool, regularize: bool) -> tuple[Selection, Tensor | None, Tensor | None]:
         """_evaluate's selecting compact step in one pass of the CPU kernel (cpu_scan.py), no temporary."""
         buf, neurons = self._buf, self._neurons
         ev.inv_denom = inv_denom
-        ev.index, d, sum1, sum2, n_lo, n_hi = cpu_scan.threshold_scan(flat, ev.mu, inv_denom, *self._bracket(st))
-        reg_value, coef = log_square_terms(d, self.cfg.delta)
+        if self.cfg.uses_threshold:
+            ev.index, d, sum1, sum2, n_lo, n_hi = cpu_scan.threshold_scan(flat, ev.mu, inv_denom, *self._bracket(st))
+        else:
+            ev.index, d, sum1, sum2 = cpu_scan.top1_scan(flat, ev.mu, inv_denom)
+        reg_value, coef = log_square_terms(d, self.cfg.delta) if regularize else (None, None)
         if record:
             buf[slots.s1][neurons] += sum1
             buf[slots.s2][neurons] += sum2
             if self.tp_rank == 0:
                 buf[slots.scalar(COUNT)] += flat.shape[0]
             buf[slots.scalar(SCORE)] += (sum2 * inv_denom).sum()
-            self._add_bracket_counts(slots, n_lo, ev.index.numel(), n_hi)
-            buf[slots.scalar(REG)] += reg_value
+            if self.cfg.uses_threshold:
+                self._add_bracket_counts(slots, n_lo, ev.index.numel(), n_hi)
+            else:
+                buf[slots.scalar(N_SEL)] += ev.index.numel()
+            if regularize:
+                buf[slots.scalar(REG)] += reg_value
         return ev, reg_value, coef
 
     def _add_bracket_counts(self, slots: Slots, n_lo, n_sel, n_hi) -> None:
@@ -387,16 +401,17 @@ class L2EInhibitor:
         if slots is not None:
             buf[slots.scalar(N_SEL)] += count_true(ev.selected)
 
-    def _select_compact(self, st: LayerState, slots: Slots, ev: Selection, d2: Tensor, flat: Tensor,
-                        record: bool) -> tuple[Tensor, Tensor]:
-        """Selection as flat indices (CPU); returns the regularizer value and the selected pairs' derivatives."""
-        neuron = None
+    def _select_compact(self, st: LayerState, slots: Slots, ev: Selection, d2: Tensor,
+                        record: bool) -> Tensor | None:
+        """Selection as flat indices (CPU) into ev.index; returns their neurons where already known."""
         if not self.cfg.uses_threshold:
             self._select_dense(st, ev, d2, slots if record else None)
             ev.index = flat_nonzero(ev.selected)
-        else:  # compares the scores with tau: d2 becomes phi in place (and serves FKR / calibration below)
-            ev.phi = d2.mul_(ev.inv_denom)
-            n_lo, ev.index, neuron, n_hi = threshold_indices(ev.phi, *self._bracket(st), self._scratch_view(torch.bool, d2).numpy())
-            if record:
-                self._add_bracket_counts(slots, n_lo, ev.index.numel(), n_hi)
-        return selected_log_square(flat, ev.mu, ev.index, self.cfg.delta, neuron)
+            return None
+        # compares the scores with tau: d2 becomes phi in place (and serves FKR / calibration below)
+        ev.phi = d2.mul_(ev.inv_denom)
+        n_lo, ev.index, neuron, n_hi = threshold_indices(ev.phi, *self._bracket(st),
+                                                         self._scratch_view(torch.bool, d2).numpy())
+        if record:
+            self._add_bracket_counts(slots, n_lo, ev.index.numel(), n_hi)
+        return neuron

@@ -31,16 +31,16 @@ class Selection:
     phi: Tensor | None = None
 
 
-def bracket_bounds(bound: Tensor, half_width: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def bracket_bounds(bound: Tensor, half_width: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """Per-neuron bounds on (z - mu)^2 for phi >= tau/r, tau, tau*r (r = exp(half_width))."""
-    ratio = half_width.exp()
+    ratio = math.exp(half_width)
     return (bound / ratio).to(dtype), bound.to(dtype), (bound * ratio).to(dtype)
 
 
-def score_bracket(tau: Tensor, half_width: Tensor) -> tuple[float, float, float]:
-    """(tau/r, tau, tau*r) as host numbers, r = exp(half_width) (CPU: reading them costs no device sync)."""
-    t, ratio = tau.item(), math.exp(half_width.item())
-    return t / ratio, t, t * ratio
+def score_bracket(tau: float, half_width: float) -> tuple[float, float, float]:
+    """(tau/r, tau, tau*r), r = exp(half_width)."""
+    ratio = math.exp(half_width)
+    return tau / ratio, tau, tau * ratio
 
 
 def threshold_indices(phi: Tensor, lo: float, mid: float, hi: float,

@@ -8,6 +8,8 @@ the caller says so (`L2EStateError` otherwise, with what to do).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from l2e_dist.l2e.statistics import LayerState
@@ -15,7 +17,8 @@ from l2e_dist.l2e.threshold import INITIAL_HALF_WIDTH
 
 FORMAT = "l2e-inhibitor-v2"
 LEGACY_FORMAT = "l2e-inhibitor-v1"
-_TENSORS = ("mean", "var", "num_obs", "tau", "half_width", "feat_score", "feat_count")
+_TENSORS = ("mean", "var", "feat_score", "feat_count")
+_NUMBERS = ("num_obs", "tau", "half_width")  # host floats in LayerState, 0-d fp64 tensors in the checkpoint
 _COUNTERS = ("n_merged", "nonfinite_steps", "consecutive_nonfinite")
 _FLAGS = ("tau_ready", "fkr_ready")
 
@@ -28,6 +31,7 @@ def save_layer_states(layers: dict[int, LayerState], num_neurons: int) -> dict:
     out = {}
     for lid, st in layers.items():
         entry = {key: getattr(st, key).cpu().clone() for key in _TENSORS}
+        entry.update({key: torch.tensor(float(getattr(st, key)), dtype=torch.float64) for key in _NUMBERS})
         entry.update({key: int(getattr(st, key)) for key in _COUNTERS})
         entry.update({key: bool(getattr(st, key)) for key in _FLAGS})
         out[lid] = entry
@@ -55,12 +59,14 @@ def load_layer_states(sd: dict, num_neurons: int, layer_ids: list[int], num_feat
         if saved["feat_count"].numel() != num_features:
             raise L2EStateError(f"L2E state has {saved['feat_count'].numel()} FKR features, the config has "
                                 f"{num_features}: resume with the same l2e.fkr/num_features")
-        tensors = {key: saved[key] if key in saved else torch.tensor(INITIAL_HALF_WIDTH) for key in _TENSORS}
-        tensors = {key: t.to(device=device, dtype=torch.float64).clone() for key, t in tensors.items()}
-        if not all(bool(t.isfinite().all()) for t in tensors.values()):
+        tensors = {key: saved[key].to(device=device, dtype=torch.float64).clone() for key in _TENSORS}
+        numbers = {"num_obs": float(saved["num_obs"]), "tau": float(saved["tau"]),
+                   "half_width": float(saved.get("half_width", INITIAL_HALF_WIDTH))}  # v1 states lack half_width
+        finite = all(bool(t.isfinite().all()) for t in tensors.values()) and all(map(math.isfinite, numbers.values()))
+        if not finite:
             raise L2EStateError(f"L2E state of layer {lid} holds NaN/inf: the checkpoint is corrupt; resume from "
                                 "an earlier one")
         counters = {key: int(saved.get(key, 0)) for key in _COUNTERS}
         flags = {key: bool(saved[key]) for key in _FLAGS}
-        layers[lid] = LayerState(**tensors, **counters, **flags)
+        layers[lid] = LayerState(**tensors, **numbers, **counters, **flags)
     return {lid: layers[lid] for lid in layer_ids}

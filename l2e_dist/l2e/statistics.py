@@ -26,9 +26,9 @@ class LayerState:
 
     mean: Tensor  # [W] fp64
     var: Tensor  # [W] fp64, unbiased
-    num_obs: Tensor  # fp64 scalar: m, the (possibly forgotten) number of past observations
-    tau: Tensor  # fp64 scalar: the moving threshold
-    half_width: Tensor  # fp64 scalar: log-width of the threshold's counting bracket (threshold.py)
+    num_obs: float  # m, the (possibly forgotten) number of past observations
+    tau: float  # the moving threshold
+    half_width: float  # log-width of the threshold's counting bracket (threshold.py)
     feat_score: Tensor  # [F, W] fp64: accumulated sum of phi per feature (online FKR)
     feat_count: Tensor  # [F] fp64: accumulated token count per feature
     n_merged: int = 0  # merged optimizer steps
@@ -44,9 +44,8 @@ class LayerState:
 
 def fresh_state(width: int, num_features: int, device: torch.device) -> LayerState:
     f64 = dict(dtype=torch.float64, device=device)
-    st = LayerState(mean=torch.zeros(width, **f64), var=torch.zeros(width, **f64), num_obs=torch.zeros((), **f64),
-                    tau=torch.ones((), **f64), half_width=torch.full((), INITIAL_HALF_WIDTH, **f64),
-                    feat_score=torch.zeros(num_features, width, **f64), feat_count=torch.zeros(num_features, **f64))
+    st = LayerState(mean=torch.zeros(width, **f64), var=torch.zeros(width, **f64), num_obs=0.0, tau=1.0,
+                    half_width=INITIAL_HALF_WIDTH, feat_score=torch.zeros(num_features, width, **f64), feat_count=torch.zeros(num_features, **f64))
     refresh_derived(st, eps=0.0)
     return st
 
@@ -62,9 +61,10 @@ def refresh_derived(st: LayerState, eps: float) -> None:
         st.best_feature = mean_score.argmax(dim=0)
 
 
-def merge_step(st: LayerState, count: Tensor, shifted_sum: Tensor, shifted_sq_sum: Tensor, shift: Tensor,
+def merge_step(st: LayerState, count: float, shifted_sum: Tensor, shifted_sq_sum: Tensor, shift: Tensor,
                forget_steps: int) -> None:
-    """Exact MEmeL merge (Lemma 3.2) of one step's batch, given its sums around `shift`, into `st`."""
+    """Exact MEmeL merge (Lemma 3.2) of one step's batch of `count` tokens, given its sums around `shift`, into
+    `st` (the counts are host numbers, the moments fp64 tensors)."""
     b = count
     batch_dev = shifted_sum / b
     batch_mean = shift + batch_dev
@@ -73,7 +73,7 @@ def merge_step(st: LayerState, count: Tensor, shifted_sum: Tensor, shifted_sq_su
     n = m + b
     diff = st.mean - batch_mean
     new_mean = (m * st.mean + b * batch_mean) / n
-    n1 = (n - 1.0).clamp_min(1.0)
+    n1 = max(n - 1.0, 1.0)
     new_var = m * b * diff * diff / (n1 * n) + (b * batch_var + (m - 1.0) * st.var) / n1
     st.mean, st.var, st.num_obs = new_mean, new_var.clamp_min(0.0), n
     st.n_merged += 1

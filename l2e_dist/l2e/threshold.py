@@ -1,7 +1,7 @@
 """The moving threshold tau of one inhibited layer: its initial value and its once-per-step update.
 
-Both work on host-free device scalars (fp64) computed from counts that the engine sums over the whole step
-(every micro-batch, every DP and TP rank), so every rank moves tau identically.
+Both work on counts that the engine sums over the whole step (every micro-batch, every DP and TP rank), so every
+rank moves tau identically; tau and the bracket's half width are host numbers (fp64), read with the step's sums.
 
 Initialisation: the first scored step selects nothing; its scores go into a log-spaced histogram and tau starts
 at the histogram's (1 - p) quantile, log-interpolated within a bin (bins are 0.9% of the value wide).
@@ -44,44 +44,45 @@ def histogram_counts(phi: Tensor) -> Tensor:
     return torch.histc(log_phi, bins=HIST_BINS, min=HIST_LOG_MIN, max=HIST_LOG_MAX).to(torch.float64)
 
 
-def histogram_quantile(hist: Tensor, q: float) -> Tensor:
-    """q-quantile of the values counted in `hist` (fp64 device scalar, no host sync)."""
+def histogram_quantile(hist: Tensor, q: float) -> float:
+    """q-quantile of the values counted in `hist` (one host read: once per layer and run)."""
     cum = hist.cumsum(0)
     target = q * cum[-1]
     idx = torch.searchsorted(cum, target.reshape(1)).clamp(max=HIST_BINS - 1)[0]
     below = cum[idx] - hist[idx]
     frac = ((target - below) / hist[idx].clamp_min(1.0)).clamp(0.0, 1.0)
-    return torch.exp(HIST_LOG_MIN + HIST_BIN_WIDTH * (idx.to(torch.float64) + frac))
+    return math.exp(HIST_LOG_MIN + HIST_BIN_WIDTH * (idx.item() + frac.item()))
 
 
-def _crossing(x0: Tensor, y0: Tensor, x1: Tensor, y1: Tensor, y: Tensor) -> Tensor:
+def _crossing(x0: float, y0: float, x1: float, y1: float, y: float) -> float:
     """x where the line through (x0, y0), (x1, y1) reaches y (x0 when the line is flat)."""
     dy = y1 - y0
-    safe = torch.where(dy.abs() > 1e-12, dy, torch.ones_like(dy))
-    return torch.where(dy.abs() > 1e-12, x0 + (y - y0) * (x1 - x0) / safe, x0)
+    return x0 + (y - y0) * (x1 - x0) / dy if abs(dy) > 1e-12 else x0
 
 
-def update_threshold(tau: Tensor, half_width: Tensor, counts: Tensor, total: Tensor, p: float,
-                     rate: float) -> tuple[Tensor, Tensor]:
-    """One step's update of (tau, half_width) from `counts` = [#phi >= tau/r, #phi >= tau, #phi >= tau*r]
-    out of `total` scores (all fp64 device tensors). Returns the new (tau, half_width). Elementwise: with
-    tau, half_width, total of shape [L] and counts [L, 3] it updates L layers in one set of ops."""
-    x, h = tau.log(), half_width
-    c_lo, c_mid, c_hi = counts.unbind(-1)
-    wanted = p * total.clamp_min(1.0)
-    n_lo, n_mid, n_hi = counts.clamp_min(0.5).log().unbind(-1)  # half a count: log of an empty tail stays finite
-    y = wanted.log()
+def _clamp(value: float, low: float, high: float) -> float:
+    return min(max(value, low), high)
+
+
+def update_threshold(tau: float, half_width: float, counts: tuple[float, float, float], total: float, p: float,
+                     rate: float) -> tuple[float, float]:
+    """One step's update of (tau, half_width) from `counts` = (#phi >= tau/r, #phi >= tau, #phi >= tau*r) out of
+    `total` scores. Host numbers: the counts arrive in the step's one host read (merge.py), and a few dozen
+    scalar operations cost nothing there, where as device tensors they were ~40 tiny kernels per step."""
+    x, h = math.log(tau), half_width
+    c_lo, c_mid, c_hi = counts
+    wanted = p * max(total, 1.0)
+    n_lo, n_mid, n_hi = (math.log(max(c, 0.5)) for c in counts)  # half a count: log of an empty tail stays finite
+    y = math.log(wanted)
     above = c_mid >= wanted  # too many selected: the crossing lies above log tau
-    inside = torch.where(above, c_hi <= wanted, c_lo >= wanted)
+    inside = c_hi <= wanted if above else c_lo >= wanted
+    if not inside:  # an expanding search: a full step to beyond the bracket, which widens
+        return math.exp(x + 2.0 * h if above else x - 2.0 * h), _clamp(4.0 * h, MIN_HALF_WIDTH, MAX_HALF_WIDTH)
     # Log counts follow power-law and Gaussian tails; an empty end (a bounded tail) is interpolated linearly.
-    up = torch.where(c_hi >= 1.0, _crossing(x, n_mid, x + h, n_hi, y), _crossing(x, c_mid, x + h, c_hi, wanted))
-    down = torch.where(c_mid >= 1.0, _crossing(x - h, n_lo, x, n_mid, y), _crossing(x - h, c_lo, x, c_mid, wanted))
-    interpolated = torch.where(above, up, down)
-    outside = torch.where(above, x + 2.0 * h, x - 2.0 * h)
-    # Inside: damped secant step. Outside: a full step to beyond the bracket (an expanding search).
-    new_x = torch.where(inside, x + rate * (interpolated - x), outside)
-    # Bracket width: widen when the crossing fell outside, else steer the end counts toward 4x and 1/4x.
-    spread = (n_lo - n_hi).clamp_min(1e-3)
-    resized = h * (_BRACKET_END_RATIO / spread).clamp(0.5, 2.0)
-    new_h = torch.where(inside, resized, 4.0 * h).clamp(MIN_HALF_WIDTH, MAX_HALF_WIDTH)
-    return new_x.exp(), new_h
+    if above:
+        crossing = _crossing(x, n_mid, x + h, n_hi, y) if c_hi >= 1.0 else _crossing(x, c_mid, x + h, c_hi, wanted)
+    else:
+        crossing = _crossing(x - h, n_lo, x, n_mid, y) if c_mid >= 1.0 else _crossing(x - h, c_lo, x, c_mid, wanted)
+    # Inside: a damped secant step, and the bracket steers its end counts toward 4x and 1/4x the target.
+    resized = h * _clamp(_BRACKET_END_RATIO / max(n_lo - n_hi, 1e-3), 0.5, 2.0)
+    return math.exp(x + rate * (crossing - x)), _clamp(resized, MIN_HALF_WIDTH, MAX_HALF_WIDTH)
