@@ -47,8 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @run_cli("l2e-bench")
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_warnings()  # before parse_args, whose variant list imports megatron-core
     args = parse_args(argv)
-    quiet_known_warnings()
     from l2e_dist.bench import BenchSettings, format_table, run_benchmark, write_report
 
     settings = BenchSettings(
