@@ -440,10 +440,11 @@ def test_legacy_v1_state_loads_only_where_it_means_the_same():
     again = make(8)
     again.load_state_dict(legacy, writer_micro_batches_per_step=1)
     assert again.state_dict()["layers"][0]["n_merged"] == 1
-    corrupt = inh.state_dict()
-    corrupt["layers"][0]["var"][0] = math.nan
-    with pytest.raises(L2EStateError, match="NaN/inf"):
-        make(8).load_state_dict(corrupt)
+    for key, bad in (("var", math.nan), ("tau", math.inf), ("half_width", math.nan)):  # a tensor and two numbers
+        corrupt = inh.state_dict()
+        corrupt["layers"][0][key].view(-1)[0] = bad
+        with pytest.raises(L2EStateError, match="NaN/inf"):
+            make(8).load_state_dict(corrupt)
 
 
 # ------------------------------------------------------------------------------------------------ configs
