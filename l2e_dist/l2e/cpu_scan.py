@@ -198,10 +198,10 @@ def _kernel():
         from torch.utils.cpp_extension import load_inline
 
         directory.mkdir(parents=True, exist_ok=True)
-        return load_inline(name=name, cpp_sources=_SOURCE, functions=["threshold_scan", "top1_scan"], extra_cflags=_CFLAGS,
-                           build_directory=str(directory), verbose=False)
+        return load_inline(name=name, cpp_sources=_SOURCE, functions=["threshold_scan", "top1_scan"],
+                           extra_cflags=_CFLAGS, build_directory=str(directory), verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means: run the eager path
-        warnings.warn(f"l2e: the fused CPU threshold scan could not be built ({type(error).__name__}: "
+        warnings.warn(f"l2e: the fused CPU selecting scan could not be built ({type(error).__name__}: "
                       f"{str(error).splitlines()[0] if str(error) else ''}); the eager path runs (slower). "
                       "Install g++ and ninja, or set L2E_CPU_KERNEL=0 to silence this", stacklevel=2)
         return None

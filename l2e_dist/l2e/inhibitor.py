@@ -211,7 +211,8 @@ class L2EInhibitor:
         self._metric_acc = [[a + b for a, b in zip(acc, row)] for acc, row in zip(self._metric_acc, rows)]
         self.steps_ended += 1
         self._reset_step()
-        merge.check_diverged(self._layers, self.cfg.max_nonfinite_steps, step if step is not None else self.steps_ended)
+        merge.check_diverged(self._layers, self.cfg.max_nonfinite_steps,
+                             step if step is not None else self.steps_ended)
 
     def metrics(self) -> dict[str, float]:
         """Per-layer averages over the optimizer steps ended since the previous call (then reset)."""

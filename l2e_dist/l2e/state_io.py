@@ -19,6 +19,7 @@ FORMAT = "l2e-inhibitor-v2"
 LEGACY_FORMAT = "l2e-inhibitor-v1"
 _TENSORS = ("mean", "var", "feat_score", "feat_count")
 _NUMBERS = ("num_obs", "tau", "half_width")  # host floats in LayerState, 0-d fp64 tensors in the checkpoint
+_V1_DEFAULTS = {"half_width": INITIAL_HALF_WIDTH}  # what a v1 state lacks
 _COUNTERS = ("n_merged", "nonfinite_steps", "consecutive_nonfinite")
 _FLAGS = ("tau_ready", "fkr_ready")
 
@@ -60,8 +61,7 @@ def load_layer_states(sd: dict, num_neurons: int, layer_ids: list[int], num_feat
             raise L2EStateError(f"L2E state has {saved['feat_count'].numel()} FKR features, the config has "
                                 f"{num_features}: resume with the same l2e.fkr/num_features")
         tensors = {key: saved[key].to(device=device, dtype=torch.float64).clone() for key in _TENSORS}
-        numbers = {"num_obs": float(saved["num_obs"]), "tau": float(saved["tau"]),
-                   "half_width": float(saved.get("half_width", INITIAL_HALF_WIDTH))}  # v1 states lack half_width
+        numbers = {key: float(saved[key] if key in saved else _V1_DEFAULTS[key]) for key in _NUMBERS}
         finite = all(bool(t.isfinite().all()) for t in tensors.values()) and all(map(math.isfinite, numbers.values()))
         if not finite:
             raise L2EStateError(f"L2E state of layer {lid} holds NaN/inf: the checkpoint is corrupt; resume from "

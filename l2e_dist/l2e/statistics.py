@@ -45,7 +45,8 @@ class LayerState:
 def fresh_state(width: int, num_features: int, device: torch.device) -> LayerState:
     f64 = dict(dtype=torch.float64, device=device)
     st = LayerState(mean=torch.zeros(width, **f64), var=torch.zeros(width, **f64), num_obs=0.0, tau=1.0,
-                    half_width=INITIAL_HALF_WIDTH, feat_score=torch.zeros(num_features, width, **f64), feat_count=torch.zeros(num_features, **f64))
+                    half_width=INITIAL_HALF_WIDTH, feat_score=torch.zeros(num_features, width, **f64),
+                    feat_count=torch.zeros(num_features, **f64))
     refresh_derived(st, eps=0.0)
     return st
 
