@@ -86,7 +86,7 @@ def test_benchmark_smoke(tmp_path):
         assert v["tokens_per_s"] == pytest.approx(tokens / v["step_time_s"]["median"])
         assert v["state_bytes"] > 0
     # the timed L2E/MEmeL steps selected (warm-up covered late start + calibration) and reduced once per step
-    assert report["meta"]["warmup_steps"]["l2e"] == 1 + 2 and report["meta"]["warmup_steps"]["none"] == 1
+    assert report["meta"]["warmup_steps"] == 1 + 2  # every variant: late start + calibration + `warmup`
     for name in ("l2e", "memel"):
         assert variants[name]["collectives_per_step"]["l2e"] == 1.0
         assert variants[name]["inhibitor_collectives_per_step"] == 1.0

@@ -19,8 +19,9 @@ Choices that matter for reading the figures:
   adds time). Load averages before, during and after are in the report.
 - Data: `distinct_batches` random token batches drawn once from a seeded generator (vocab of the config) and
   cycled; every variant gets the same batch in a round. Timing does not depend on token values.
-- Warm-up: at least `l2e.late_start` + 1 optimizer steps, so the timed L2E/MEmeL steps score and select (the
-  steady state) rather than only collecting statistics.
+- Warm-up: every variant takes the same number of optimizer steps before the timed ones, at least
+  `l2e.late_start` + 1, so the timed L2E/MEmeL steps score and select (the steady state) rather than only
+  collecting statistics, and no variant is timed at an earlier point of its run than another.
 - L2E's statistics all_reduce is issued even in a world of 1 (the reduce group is always passed), so its cost
   and count are in the figures as in a multi-process run. MEmeL here is method memel with retrieval auto
   (per-token top-k); l2e is method l2e with retrieval auto (moving threshold).

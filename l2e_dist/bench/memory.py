@@ -45,7 +45,7 @@ def _probe_worker(settings: BenchSettings, name: str, port: int, queue) -> None:
         baseline = peak_rss_bytes()
         variant = build_variants(cfgs, device)[name]
         batches = token_batches(cfgs[name], settings.distinct_batches, device)
-        for i in range(warmup_steps(cfgs[name], settings) + settings.probe_steps):
+        for i in range(warmup_steps(cfgs, settings) + settings.probe_steps):
             variant.step(batches[i % len(batches)])
         peak = peak_rss_bytes()
         queue.put(("ok", {"peak_rss_bytes": peak, "baseline_rss_bytes": baseline}))

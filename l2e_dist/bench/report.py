@@ -28,7 +28,7 @@ def format_table(report: dict) -> str:
         f"{meta['loadavg_start'][0]:.1f} -> {meta['loadavg_end'][0]:.1f} on {meta['cpu_count']} CPUs; "
         f"{meta['params'] / 1e6:.2f}M params, batch {meta['micro_batch_size']}x{meta['grad_accum']}x"
         f"{meta['seq_length']} = {meta['tokens_per_step']} tokens/step, {meta['precision']}, "
-        f"ZeRO {meta['zero_stage']} (runs as {meta.get('zero_stage_effective', meta['zero_stage'])} at dp=1), {meta['rounds']} rounds after warm-up steps {meta['warmup_steps']}",
+        f"ZeRO {meta['zero_stage']} (runs as {meta.get('zero_stage_effective', meta['zero_stage'])} at dp=1), {meta['rounds']} rounds after {meta['warmup_steps']} warm-up steps each",
         f"{'variant':8s} {'median ms':>10s} {'p25-p75 ms':>15s} {'cpu ms':>9s} {'tokens/s':>10s} {'MFU':>6s} "
         f"{'coll/step':>9s} {'l2e coll':>8s} {'state MiB':>9s} {'peak MiB':>9s}",
     ]

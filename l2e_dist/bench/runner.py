@@ -97,14 +97,13 @@ def _run(settings: BenchSettings, cfgs: dict[str, RunConfig], device: torch.devi
     say(f"building {', '.join(settings.variants)} on {device}")
     variants = build_variants(cfgs, device)
     batches = token_batches(cfg, settings.distinct_batches, device)
-    warm = {name: warmup_steps(cfgs[name], settings) for name in variants}
-    say(f"warm-up steps: {warm}")
-    for i in range(max(warm.values())):
-        for name, variant in variants.items():
-            if i < warm[name]:
-                loss = variant.step(batches[i % len(batches)])
-                if i == 0:
-                    variant.first_loss = float(loss)
+    warm = warmup_steps(cfgs, settings)
+    say(f"warm-up steps: {warm} per variant")
+    for i in range(warm):
+        for variant in variants.values():
+            loss = variant.step(batches[i % len(batches)])
+            if i == 0:
+                variant.first_loss = float(loss)
     inhibitor_counts = {n: v.inhibitor.collective_count for n, v in variants.items() if v.inhibitor is not None}
     order = list(variants.values())
     loads = []

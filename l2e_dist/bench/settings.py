@@ -81,11 +81,12 @@ def resolve_configs(settings: BenchSettings, device: torch.device) -> dict[str, 
     return {name: resolve_config(settings, device, "none" if name == "hf" else name) for name in settings.variants}
 
 
-def warmup_steps(cfg: RunConfig, settings: BenchSettings) -> int:
-    """Warm-up steps of one variant: inhibiting variants first get past late start and threshold calibration,
-    so that every timed step scores and selects."""
+def warmup_steps(cfgs: dict[str, RunConfig], settings: BenchSettings) -> int:
+    """Warm-up optimizer steps, the same for every variant: the inhibiting variants first get past late start and
+    threshold calibration (so that every timed step scores and selects), and the others take as many steps, so
+    that no variant is timed earlier in its run (allocator growth, optimizer state, lr schedule) than another."""
     # L2E counts optimizer steps: start_after steps of statistics, one calibration step.
-    needed = cfg.l2e.start_after + 1 if cfg.l2e.method != "none" else 0
+    needed = max((c.l2e.start_after + 1 for c in cfgs.values() if c.l2e.method != "none"), default=0)
     return needed + settings.warmup
 
 
