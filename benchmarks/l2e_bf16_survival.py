@@ -3,11 +3,16 @@
     python benchmarks/l2e_bf16_survival.py --config configs/tiny.yaml [--set l2e.reg_lambda=1e-9] [--steps 40]
 
 A 1-rank world on the CPU: the model of the config trains `--steps` fp32 steps with L2E on random tokens (so the
-statistics and threshold are those of a run), then, on one more batch, the gradient at each inhibited layer's
-activations is taken separately for the LM loss (g_lm) and for the regularizer (g_reg), in fp32. In bf16 the two
-are summed into one bf16 tensor; the surviving part is bf16(g_lm + g_reg) - bf16(g_lm). Reported per layer: the
-projection of the surviving part on g_reg (1 = all of it survives), the fraction of selected pairs whose bf16
-gradient changes at all, and |g_reg| / |g_lm| on the selected pairs.
+statistics and threshold are those of a run), then, on one more batch, two fp32 gradients are taken at each
+inhibited layer: g_up, everything that reaches the layer's activations from above (the LM loss and the later
+layers' regularizer terms), and g_own, the layer's own regularizer term. In a bf16 run the regularizer's backward
+adds g_own to the bf16 g_up in place (regularizer.CompactSelectedLogSquare / DenseSelectedLogSquare), so the
+surviving part is bf16(bf16(g_up) + bf16(g_own)) - bf16(g_up). Reported per layer: the projection of the
+surviving part on g_own (1 = all of it survives), the fraction of selected pairs whose bf16 gradient changes at
+all, |g_own| / |g_up| on the selected pairs, and the largest |g_own| off them (0 unless the measurement is wrong).
+
+The regularizer node passes z through (its output is a new tensor): g_up is the gradient at that output, and
+g_own is the regularizer's gradient at the probe's raw output minus its gradient at the passed-through one.
 """
 
 from __future__ import annotations
@@ -47,10 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         layers = cfg.l2e.resolve_layers(cfg.model.num_layers)
         inh = L2EInhibitor(cfg.l2e, layers, cfg.model.ffn_size)
         probes = model.mlp_probes(cfg.l2e.activation)
+        raw: dict[int, torch.Tensor] = {}
+        passed: dict[int, torch.Tensor] = {}
+        for lid in layers:  # registered before L2E's hook: the probe's own output (the regularizer's input)
+            probes[lid].register_forward_hook(lambda m, i, o, lid=lid: raw.__setitem__(lid, o))
         attach(inh, {lid: probes[lid] for lid in layers})
-        captured: dict[int, torch.Tensor] = {}
-        for lid in layers:  # registered after L2E's hook: sees the probe's (possibly inhibited) output
-            probes[lid].register_forward_hook(lambda m, i, o, lid=lid: captured.__setitem__(lid, o))
+        for lid in layers:  # registered after it: what L2E passed on (the regularizer node's z output)
+            probes[lid].register_forward_hook(lambda m, i, o, lid=lid: passed.__setitem__(lid, o))
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr)
         gen = torch.Generator().manual_seed(0)
         shape = (cfg.train.global_batch_size, cfg.train.seq_length + 1)
@@ -65,21 +73,27 @@ def main(argv: list[str] | None = None) -> int:
         tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=gen)
         lm = model(tokens[:, :-1], tokens[:, 1:]).mean()
         reg = inh.regularization_loss()
-        zs = [captured[lid] for lid in layers]
-        masks = [inh.selected_mask(lid, z.detach()) for lid, z in zip(layers, zs, strict=True)]
-        g_lm = torch.autograd.grad(lm, zs, retain_graph=True)
-        g_reg = torch.autograd.grad(reg, zs, allow_unused=True)
+        z_in, z_out = [raw[lid] for lid in layers], [passed[lid] for lid in layers]
+        masks = [inh.selected_mask(lid, z.detach()) for lid, z in zip(layers, z_in, strict=True)]
+        g_lm = torch.autograd.grad(lm, z_out, retain_graph=True)
+        none = [None] * (2 * len(layers))
+        g_reg = torch.autograd.grad(reg, z_in + z_out, allow_unused=True) if reg.requires_grad else none
         report = {"reg_lambda": cfg.l2e.reg_lambda, "layers": {}}
-        for lid, a, b, sel in zip(layers, g_lm, g_reg, masks, strict=True):
-            if b is None or sel is None or not sel.any():
+        for i, (lid, sel) in enumerate(zip(layers, masks, strict=True)):
+            reg_in, reg_out = g_reg[i], g_reg[len(layers) + i]
+            if reg_in is None or sel is None or not sel.any():
                 report["layers"][lid] = {"selected": 0}
                 continue
-            survived = (a + b).bfloat16().float() - a.bfloat16().float()
+            up = g_lm[i] + (reg_out if reg_out is not None else 0.0)
+            own = reg_in - (reg_out if reg_out is not None else 0.0)
+            up_bf16 = up.bfloat16().float()
+            survived = (up_bf16 + own.bfloat16().float()).bfloat16().float() - up_bf16
             report["layers"][lid] = {
                 "selected": int(sel.sum()),
-                "surviving_projection": float((survived * b).sum() / (b * b).sum()),
+                "surviving_projection": float((survived * own).sum() / (own * own).sum()),
                 "changed_pairs": float((survived[sel] != 0).float().mean()),
-                "reg_over_lm_on_selected": float(b[sel].norm() / a[sel].norm()),
+                "own_over_upstream_on_selected": float(own[sel].norm() / up[sel].norm()),
+                "own_off_selected": float(own[~sel].abs().max()),  # 0: g_own is the layer's own term only
             }
         print(json.dumps(report, indent=2))
     finally:
