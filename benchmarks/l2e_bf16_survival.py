@@ -76,16 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         z_in, z_out = [raw[lid] for lid in layers], [passed[lid] for lid in layers]
         masks = [inh.selected_mask(lid, z.detach()) for lid, z in zip(layers, z_in, strict=True)]
         g_lm = torch.autograd.grad(lm, z_out, retain_graph=True)
-        none = [None] * (2 * len(layers))
-        g_reg = torch.autograd.grad(reg, z_in + z_out, allow_unused=True) if reg.requires_grad else none
+        g_reg = (torch.autograd.grad(reg, z_in + z_out, allow_unused=True) if reg.requires_grad
+                 else [None] * (2 * len(layers)))
         report = {"reg_lambda": cfg.l2e.reg_lambda, "layers": {}}
         for i, (lid, sel) in enumerate(zip(layers, masks, strict=True)):
             reg_in, reg_out = g_reg[i], g_reg[len(layers) + i]
             if reg_in is None or sel is None or not sel.any():
                 report["layers"][lid] = {"selected": 0}
                 continue
-            up = g_lm[i] + (reg_out if reg_out is not None else 0.0)
-            own = reg_in - (reg_out if reg_out is not None else 0.0)
+            later = reg_out if reg_out is not None else 0.0  # the later layers' terms, reaching z from above
+            up, own = g_lm[i] + later, reg_in - later
             up_bf16 = up.bfloat16().float()
             survived = (up_bf16 + own.bfloat16().float()).bfloat16().float() - up_bf16
             report["layers"][lid] = {
