@@ -282,3 +282,52 @@ def test_injected_nan_in_fp16_stops_once_the_loss_scale_is_at_its_minimum(tmp_pa
     assert r["error"] is not None and "minimum fp16 loss scale 1" in r["error"], r
     step = int(r["error"].split("up to step ")[1].split(" ")[0])
     assert 5 <= step <= 10, r  # not at the first overflow: scale 4 -> 2 -> 1 (hysteresis 2) first
+
+
+# ------------------------------------------------------------------------------ host synchronizations
+
+
+def _synchronize_calls_per_step(micro_batches: int, steps: int) -> list[int]:
+    """Train the tiny model `steps` optimizer steps of `micro_batches` micro-batches through the trainer's own
+    functions and count DeepSpeed accelerator synchronize() calls in each step."""
+    from deepspeed.accelerator import get_accelerator
+
+    from l2e_dist.model.gpt_neox import GPTNeoX
+    from l2e_dist.parallel.state import destroy_process_groups, init_process_groups
+    from l2e_dist.training.optim import initialize_engine
+    from l2e_dist.training.trainer import end_l2e_step, train_micro_batch
+
+    init_process_groups(1)
+    accelerator = get_accelerator()
+    calls = [0]
+    original = accelerator.synchronize
+
+    def counting_synchronize(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    try:
+        cfg = load_config([TINY], ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=2",
+                                   "model.vocab_size=64", "train.seq_length=8", "train.micro_batch_size=1",
+                                   f"train.global_batch_size={micro_batches}", "l2e.method=none"])
+        torch.manual_seed(0)
+        engine = initialize_engine(GPTNeoX(cfg.model), cfg, 1)
+        accelerator.synchronize = counting_synchronize
+        per_step = []
+        for _ in range(steps):
+            calls[0] = 0
+            for _ in range(micro_batches):
+                train_micro_batch(engine, None, torch.randint(0, 64, (1, 9)))
+            end_l2e_step(engine, None)
+            per_step.append(calls[0])
+        return per_step
+    finally:
+        accelerator.synchronize = original
+        destroy_process_groups()
+
+
+@pytest.mark.slow
+def test_deepspeed_adds_no_device_synchronize_to_a_training_step():
+    # DeepSpeed's default throughput timer would synchronize twice per micro-batch (8 per step here).
+    (per_step,) = run_distributed(_synchronize_calls_per_step, 1, 4, 3)
+    assert per_step == [0, 0, 0], per_step

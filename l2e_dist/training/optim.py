@@ -104,6 +104,9 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and, without a DeepSpeed dataloader, synchronizes the
+        # device at the start and the end of every micro-batch; the trainer measures throughput itself.
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
     return deep_merge(config, ds.extra)
 
