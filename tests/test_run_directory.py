@@ -303,6 +303,13 @@ def test_dead_or_reused_pid_on_this_host_is_taken_over(tmp_path, exited_pid):
         lock.release()
 
 
+def test_pid_of_another_pid_namespace_is_not_looked_up(tmp_path, exited_pid):
+    # A container sharing the host's name but not its PIDs: its holder's PID means nothing here.
+    write_holder(tmp_path, pid=exited_pid, pid_start_ticks=None, pid_namespace="pid:[1]")
+    with pytest.raises(RunDirectoryBusy, match=f"PID {exited_pid}, last heartbeat 0 s ago"):
+        acquire(tmp_path, 30.0, log=pytest.fail)
+
+
 def test_requeued_slurm_job_takes_over_its_earlier_incarnation(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")

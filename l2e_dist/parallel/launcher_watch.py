@@ -34,6 +34,7 @@ POLL_S = 1.0  # how often the thread checks the launcher: ranks are gone within 
 LAUNCHER_GONE_EXIT = 1
 _PR_SET_PDEATHSIG = 1
 _DEEPSPEED_NODE_LAUNCHER = "deepspeed.launcher.launch"
+_RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
 
 
 def detect_launcher(environ: Mapping[str, str] | None = None) -> str | None:
@@ -102,7 +103,8 @@ def _arm_death_signal() -> bool:
 
 
 def _die(reason: str) -> None:
-    os.write(2, f"rank {os.environ.get('RANK', '?')}: {reason}; exiting without writing anything more\n".encode())
+    rank = next((os.environ[v] for v in _RANK_VARS if os.environ.get(v, "").isdigit()), "?")
+    os.write(2, f"rank {rank}: {reason}; exiting without writing anything more\n".encode())
     os._exit(LAUNCHER_GONE_EXIT)
 
 

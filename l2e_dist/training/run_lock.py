@@ -7,7 +7,7 @@ atomic also over NFS (success is read from the temporary file's link count, as N
 one of two racing jobs gets it. A second job finds it and is refused in one line, unless its holder is dead:
 
 - its heartbeat is older than `STALE_AFTER_BEATS` x the holder's interval (any host);
-- the holder's PID is gone (or is another process now) on this very host;
+- the holder's PID is gone (or is another process now) on this very host, in this PID namespace;
 - it is an earlier incarnation of this same Slurm job (same job id, lower SLURM_RESTART_COUNT): a requeued
   job restarts after Slurm has ended the previous one, possibly on another node, within the stale time.
 
@@ -42,7 +42,7 @@ _ATTEMPTS = 8
 
 
 class RunDirectoryBusy(UserError, RuntimeError):
-    """Another live run holds the output directory."""
+    """This run cannot hold its output directory: another live run does (or the lock cannot be written)."""
 
 
 def _process_start_ticks(pid: int) -> int | None:
@@ -66,6 +66,15 @@ def _pid_alive(pid: int, start_ticks: int | None) -> bool:
     return start_ticks is None or now_ticks is None or now_ticks == start_ticks
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace: PIDs of another one (a container sharing the host's name) are not ours
+    to look up."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def this_process(heartbeat_s: float, environ: dict[str, str] | None = None) -> dict[str, Any]:
     """The lock record of this process, as it would hold the lock now."""
     env = os.environ if environ is None else environ
@@ -74,6 +83,7 @@ def this_process(heartbeat_s: float, environ: dict[str, str] | None = None) -> d
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "pid_start_ticks": _process_start_ticks(os.getpid()),
+        "pid_namespace": _pid_namespace(),
         "job_id": env.get("SLURM_JOB_ID") or None,
         "restart_count": int(env.get("SLURM_RESTART_COUNT") or 0),
         "started": now,
@@ -106,7 +116,8 @@ def dead_holder(holder: dict[str, Any], me: dict[str, Any], now: float) -> str |
     if holder.get("job_id") and holder.get("job_id") == me["job_id"]:
         if int(holder.get("restart_count") or 0) < me["restart_count"]:
             return f"it was an earlier incarnation of this Slurm job {me['job_id']} (requeued)"
-    if holder["host"] == me["host"] and not _pid_alive(holder["pid"], holder.get("pid_start_ticks")):
+    same_pids = holder["host"] == me["host"] and holder.get("pid_namespace") == me["pid_namespace"]
+    if same_pids and not _pid_alive(holder["pid"], holder.get("pid_start_ticks")):
         return f"its PID {holder['pid']} is gone from this host"
     beat_s = float(holder.get("heartbeat_s") or me["heartbeat_s"])
     age = now - float(holder["heartbeat"])
