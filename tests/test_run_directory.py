@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from l2e_dist.checkpoint.ds_files import safe_load
 from l2e_dist.checkpoint.manifest import list_checkpoints, verify_checkpoint
 from l2e_dist.config import load_config
 from l2e_dist.errors import UserError
@@ -238,6 +240,10 @@ def test_busy_directory_is_refused_and_a_killed_runs_lock_is_taken_over(
     resumed = int(re.search(r"resumed from \S+ \(step (\d+), same layout\)", text)[1])
     assert 1 <= resumed < STEPS
     assert read_losses(out / "metrics.jsonl") == read_losses(reference / "metrics.jsonl")  # bitwise
+    for tp_rank in range(2):  # and the final weights
+        name = f"checkpoints/global_step{STEPS}/mp_rank_{tp_rank:02d}_model_states.pt"
+        ours, theirs = safe_load(out / name)["module"], safe_load(reference / name)["module"]
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
     assert not (out / LOCK_NAME).exists()  # released at the end of the run
 
 
