@@ -163,6 +163,9 @@ class TrainConfig:
     # bf16/fp16: consecutive steps with a non-finite loss (bf16) or overflowing at the minimum loss scale
     # (fp16) that stop the run; DeepSpeed skips those updates meanwhile. fp32 stops at the first.
     nonfinite_patience: int = 3
+    # Rank 0 holds <output_dir>/.run.lock for the run's lifetime, refreshing its heartbeat this often; a lock
+    # not refreshed for 4x this long is a dead run's and is taken over (docs/launching.md).
+    lock_heartbeat_s: float = 30.0
 
     def validate(self) -> None:
         for name in self.preempt_signals:
@@ -179,6 +182,8 @@ class TrainConfig:
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if not self.lock_heartbeat_s > 0:
+            raise ConfigError("lock_heartbeat_s", f"must be > 0 s, got {self.lock_heartbeat_s}")
         for key in ("eval_interval", "eval_iters", "save_interval", "keep_last_n"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")

@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @run_cli("l2e-pretrain")
 def main(argv: list[str] | None = None) -> int:
+    from l2e_dist.parallel.launcher_watch import watch_launcher
+
+    watch_launcher()  # first, before the slow imports: a rank whose launcher dies exits with it
     args = parse_args(argv)
     quiet_known_warnings()
     from l2e_dist.config import load_config

@@ -56,6 +56,7 @@ from l2e_dist.config_utils import build
 from l2e_dist.errors import environment_error_message
 from l2e_dist.fileio import atomic_write_text, fsync_path
 from l2e_dist.model.config import ModelConfig
+from l2e_dist.parallel.launcher_watch import exit_if_launcher_gone
 
 
 def rng_state() -> dict[str, Any]:
@@ -132,6 +133,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
     sha256 = sync_and_hash_own_files(tmp)
     if rank == 0:
         write_manifest(tmp, sha256, synced=True)
+        exit_if_launcher_gone()  # a rank whose launcher died publishes nothing: the save stays in tmp
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from l2e_dist.checkpoint.convert import export_hf, is_hf_directory
 from l2e_dist.checkpoint.manifest import CheckpointError, file_sha256, verify_checkpoint, write_manifest
 from l2e_dist.fileio import fsync_path
+from l2e_dist.parallel.launcher_watch import exit_if_launcher_gone
 
 SNAPSHOT_DIR = "snapshots"
 SNAPSHOT_FORMAT = "l2e-dist-snapshot/1"
@@ -130,6 +131,7 @@ def save_snapshot(engine, snapshot_dir: Path, step: int, client_state: dict, kee
     dist.all_gather_object(shares, digests)
     if rank == 0:
         write_manifest(tmp, {rel: digest for share in shares for rel, digest in (share or {}).items()})
+        exit_if_launcher_gone()  # a rank whose launcher died publishes nothing
         if final.exists():  # an earlier run's, or damaged. Safe to delete first: a crash before the rename
             shutil.rmtree(final)  # leaves no checkpoint of this step, so a resume re-runs it and rewrites this
         os.replace(tmp, final)

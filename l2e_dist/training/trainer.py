@@ -20,6 +20,7 @@ from megatron.core import parallel_state
 
 from l2e_dist.checkpoint.convert import load_init_weights
 from l2e_dist.checkpoint.io import resume, save_checkpoint
+from l2e_dist.checkpoint.manifest import from_rank0
 from l2e_dist.checkpoint.snapshots import SNAPSHOT_DIR, save_snapshot
 from l2e_dist.config import RunConfig, config_to_dict, validate_world
 from l2e_dist.data import build_datasets, prepare_default_corpus
@@ -27,6 +28,7 @@ from l2e_dist.l2e.hooks import ScoreMeter
 from l2e_dist.l2e.hooks import attach as attach_l2e
 from l2e_dist.l2e.inhibitor import L2EInhibitor
 from l2e_dist.model.gpt_neox import GPTNeoX
+from l2e_dist.parallel.launcher_watch import watch_launcher
 from l2e_dist.parallel.state import (
     ParallelLayout,
     default_device,
@@ -42,6 +44,7 @@ from l2e_dist.training.preemption import PreemptionHandler, start_watchdog
 from l2e_dist.training.prefetch import prefetch_to_device
 from l2e_dist.training.resolved import ResolvedRun, resolve_run
 from l2e_dist.training.run_data import check_run_data, first_step, run_batches
+from l2e_dist.training.run_lock import hold_run_directory
 from l2e_dist.training.throughput import TrainingClock, device_peak_tflops, mfu
 
 SLOW_PHASE_FACTOR = 4  # resume, eval and checkpoint phases may take this many watchdog/collective timeouts
@@ -172,11 +175,19 @@ def evaluate(
 
 
 def pretrain(cfg: RunConfig) -> TrainResult:
+    watch_launcher()  # under a launcher: this rank ends with it (the CLI armed it already)
     preempt = PreemptionHandler(tuple(cfg.train.preempt_signals), check_every=cfg.train.preempt_check_every)
     if threading.current_thread() is threading.main_thread():
         preempt.install()  # first: a signal before this would kill the process without a checkpoint
     layout = init_process_groups(cfg.parallel.tensor_parallel, cfg.parallel.dist_timeout_s, cfg.parallel.device)
     validate_world(cfg, layout.world_size)  # before the data: a wrong launch fails at once
+    # One job per output_dir: before anything is read from or written to it (docs/launching.md).
+    with hold_run_directory(cfg.train.output_dir, cfg.train.lock_heartbeat_s, layout.rank, share=from_rank0):
+        return _train(cfg, layout, preempt)
+
+
+def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -> TrainResult:
+    """pretrain's run, while this job holds the output directory."""
     device = default_device()
     seed_everything(cfg.train.seed)
 
