@@ -2,8 +2,9 @@
 size's inhibit_ratio and reg_lambda alone. The paper's levels (70M p 0.01 / lambda 1e-9, 410M p 0.02, 2.8B
 p 0.03 / lambda 1e-11) are exact; the other sizes follow the interpolation their config states (linear in
 log(parameters) for p, log-linear for lambda, held at 2.8B's level above it), recomputed here from each size's
-parameter count. Every l2e-pretrain / torchrun / deepspeed / sbatch / mpirun command line in README.md with
---config is parsed, and its effective l2e section checked, in-process and through `--print-config`."""
+parameter count. Every l2e-pretrain / torchrun / deepspeed / sbatch / mpirun command line with --config in
+README.md and docs/pythia.md is parsed, and its effective l2e section checked, in-process and through
+`--print-config`."""
 
 from __future__ import annotations
 
@@ -60,11 +61,15 @@ def test_the_overlay_sets_no_level():
     assert overlay["method"] == "l2e" and not {"inhibit_ratio", "reg_lambda"} & set(overlay)
 
 
-def readme_command_lines() -> list[list[str]]:
-    """Every command line in README.md's code blocks that launches pretraining with --config files (continuation
-    lines joined, comments dropped; `--config ...` placeholders skipped)."""
+DOCUMENTS = ("README.md", "docs/pythia.md")
+
+
+def documented_command_lines() -> list[list[str]]:
+    """Every command line in the code blocks of README.md and docs/pythia.md that launches pretraining with
+    --config files (continuation lines joined, comments dropped; `--config ...` placeholders skipped)."""
     commands = []
-    for block in re.findall(r"```[a-z]*\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S):
+    text = "\n".join((ROOT / document).read_text() for document in DOCUMENTS)
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             if "--config" not in line or not LAUNCHERS.search(line):
                 continue
@@ -98,8 +103,8 @@ def expected_l2e(configs: list[str], overrides: list[str]) -> dict:
     return expected
 
 
-def test_readme_command_lines_get_their_sizes_level():
-    commands = readme_command_lines()
+def test_documented_command_lines_get_their_sizes_level():
+    commands = documented_command_lines()
     pythia_with_l2e = 0
     for words in commands:
         configs, overrides = config_arguments(words)
@@ -114,8 +119,8 @@ def test_readme_command_lines_get_their_sizes_level():
 
 
 @pytest.mark.slow
-def test_print_config_shows_the_effective_l2e_section_of_every_readme_command():
-    for words in readme_command_lines():
+def test_print_config_shows_the_effective_l2e_section_of_every_documented_command():
+    for words in documented_command_lines():
         configs, overrides = config_arguments(words)
         args = [a for c in configs for a in ("--config", c)] + [a for o in overrides for a in ("--set", o)]
         proc = subprocess.run([sys.executable, "-m", "launcher.pretrain", *args, "--print-config"], cwd=ROOT,
