@@ -57,6 +57,12 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio x lr (Pythia: 0.1)
     warmup_fraction: float = 0.01  # of train.train_iters (Pythia: 1%)
     decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    # Which formula turns (updates taken, warm-up, decay) into the lr (training/optim.py lr_multiplier):
+    # "warmup_decay": warm-up (n+1)/w, then decay from lr to min_lr over the T - w steps after the warm-up (the
+    # later GPT-NeoX form). "annealing_lr_d36f623": gpt-neox d36f623's AnnealingLR, which Pythia trained with:
+    # warm-up n/w (the first update has lr 0), then lr * 0.5 * (1 + cos(pi * (min(n, T-w) - w) / T)) clamped at
+    # min_lr (period T, no min_lr offset inside the cosine); n counts applied updates (fp16-skipped steps do not).
+    schedule: Literal["warmup_decay", "annealing_lr_d36f623"] = "warmup_decay"
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1

@@ -2,6 +2,7 @@
 
     l2e-pretrain --config configs/tiny.yaml --config configs/l2e/l2e.yaml --set optimizer.lr=3e-4
     l2e-pretrain --config configs/pythia-1b.yaml --dry-run --gpu-mem-gib 80     # checks + memory, no training
+    l2e-pretrain --config configs/pythia-410m.yaml --config configs/l2e/l2e.yaml --print-config  # resolved YAML
 
 Launch with torchrun, the deepspeed launcher, srun or mpirun; ranks are discovered from the environment.
 """
@@ -28,6 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--gpu-mem-gib", type=float, default=None, metavar="GIB",
         help="with --dry-run: fail (exit 2) when the estimate per rank exceeds this device memory",
     )
+    parser.add_argument(
+        "--print-config", action="store_true",
+        help="print the merged, validated config (files + --set) as YAML and exit; starts no processes",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     add_debug_flag(parser)
     args = parser.parse_args(argv)
@@ -51,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         exc.agreed = True  # every rank reads the same files: rank 0 alone reports it
         raise
+    if args.print_config:
+        import yaml
+
+        from l2e_dist.config import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
     import torch.distributed as dist
 
     from l2e_dist.parallel.state import destroy_process_groups

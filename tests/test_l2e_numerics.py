@@ -474,7 +474,8 @@ def _shipped_lambda_gradient(overlay: str | None) -> tuple[float, float]:
     init_process_groups(1)
     try:
         paths = [str(ROOT / "configs" / "tiny.yaml")] + ([str(ROOT / overlay)] if overlay else [])
-        cfg = load_config(paths, ["model.vocab_size=256"])
+        # with the overlay (which sets no level of its own), the paper's smallest lambda (pythia-70m's)
+        cfg = load_config(paths, ["model.vocab_size=256"] + (["l2e.reg_lambda=1e-9"] if overlay else []))
         assert cfg.l2e.method == "l2e"
         torch.manual_seed(0)
         model = GPTNeoX(cfg.model)
@@ -501,9 +502,9 @@ def _shipped_lambda_gradient(overlay: str | None) -> tuple[float, float]:
 
 @pytest.mark.parametrize("overlay", [None, "configs/l2e/l2e.yaml"])
 def test_shipped_lambda_gives_a_nonzero_gradient(overlay):
-    """The shipped tiny config (lambda 1e-6) and the L2E overlay (paper lambda 1e-9) on the tiny model: once the
-    layers select, the regularizer's gradient reaches the weights and is non-zero."""
+    """The shipped tiny config (lambda 1e-6) and the L2E overlay with pythia-70m's paper lambda 1e-9 on the tiny
+    model: once the layers select, the regularizer's gradient reaches the weights and is non-zero."""
     from tests.distributed import run_distributed
 
     lam, grad_l1 = run_distributed(_shipped_lambda_gradient, 1, overlay)[0]
-    assert lam > 0 and grad_l1 > 0.0
+    assert lam == (1e-9 if overlay else 1e-6) and grad_l1 > 0.0

@@ -11,6 +11,9 @@ from l2e_dist.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 # size: (layers, hidden, heads, lr, model-parallel size, precision)
+# (init: small_init + wang_init for 70m..2.8b; gpt-neox's defaults normal + scaled_normal for 6.9b and 12b, whose
+# yml set no init method; the stds per tensor are checked in test_pythia_init.py)
+GPT_NEOX_DEFAULT_INIT = {"6.9b", "12b"}
 PUBLISHED = {
     "70m": (6, 512, 8, 1.0e-3, 1, "fp16"),
     "160m": (12, 768, 12, 6.0e-4, 1, "fp16"),
@@ -43,6 +46,11 @@ def test_published_values(size):
         assert (t.save_interval, t.save_schedule) == (1000, "pythia")
         assert o.lr == pytest.approx(lr) and o.min_lr_ratio == pytest.approx(0.1)
         assert (o.warmup_fraction, o.lr_decay_iters, o.decay_style) == (0.01, 143000, "cosine")
+        assert o.schedule == "annealing_lr_d36f623"  # gpt-neox d36f623's AnnealingLR (test_pythia_lr.py)
+        init = ("normal", "scaled_normal", 0.02) if size in GPT_NEOX_DEFAULT_INIT else ("small_init", "wang_init")
+        assert (m.init_method, m.output_layer_init_method, m.init_std)[: len(init)] == init
+        assert m.gelu_approximate == "tanh"  # bias-gelu-fusion, whatever the published config.json says
+        assert cfg.l2e.method == "none"  # the overlay switches it on; the level per size: test_pythia_l2e_levels.py
         assert (list(o.betas), o.eps, o.weight_decay, o.grad_clip) == ([0.9, 0.95], 1e-8, 0.1, 1.0)
         assert cfg.parallel.tensor_parallel == tp
         assert (cfg.deepspeed.zero_stage, cfg.deepspeed.precision) == (1, "fp16" if variant else precision)

@@ -36,7 +36,19 @@ def architecture(cfg: ModelConfig) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def architecture_mismatch(saved: ModelConfig, current: ModelConfig) -> str:
-    """'' when both configs describe the same architecture, else which fields differ."""
+def architecture_mismatch(saved: ModelConfig, current: ModelConfig, pythia_gelu_label: bool = False) -> str:
+    """'' when both configs describe the same architecture, else which fields differ. `pythia_gelu_label`: the
+    saved config comes from a gpt_neox HF config.json saying "gelu", which Pythia's published revisions say
+    of their tanh-trained models, so a tanh run config is no mismatch (see pythia_gelu_note)."""
     before, now = architecture(saved), architecture(current)
+    if pythia_gelu_label and (before["gelu_approximate"], now["gelu_approximate"]) == ("none", "tanh"):
+        before["gelu_approximate"] = "tanh"
     return ", ".join(f"model.{k}: checkpoint {before[k]!r}, config {now[k]!r}" for k in before if before[k] != now[k])
+
+
+def pythia_gelu_note(saved: ModelConfig, current: ModelConfig, pythia_gelu_label: bool, path: object) -> str:
+    """The one-line note printed when a "gelu" label was read as Pythia's tanh, '' when it was not."""
+    if not pythia_gelu_label or (saved.gelu_approximate, current.gelu_approximate) != ("none", "tanh"):
+        return ""
+    return (f"l2e-dist: {path} says hidden_act 'gelu', Pythia's label for its tanh-trained GELU: training with "
+            "model.gelu_approximate=tanh as the config says (set it to none for an exact-erf GELU model)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -30,10 +31,12 @@ from l2e_dist.checkpoint.compat import (
     IMPORT_FORMAT,
     VOCAB_ROW_TENSORS,
     architecture_mismatch,
+    pythia_gelu_note,
     resize_vocab_rows,
 )
 from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
 from l2e_dist.checkpoint.hf import (
+    PYTHIA_GELU_LABEL,
     from_hf_state_dict,
     hf_config_dict,
     model_config_from_hf,
@@ -86,13 +89,18 @@ class WeightSource:
         self.path = Path(path)
         self.run_config: dict = {}
         self.token_ids: dict[str, int] = {}
+        self.hf_hidden_act: str | None = None  # the HF config.json label the weights came with
         if is_hf_directory(self.path):
             from transformers import AutoConfig
 
             hf_cfg = AutoConfig.from_pretrained(str(self.path))
             if hf_cfg.model_type != "gpt_neox":
                 raise CheckpointError(f"{self.path} is a {hf_cfg.model_type!r} model, not GPTNeoX/Pythia")
-            self.model_config = model_config_from_hf(hf_cfg)
+            try:
+                self.model_config = model_config_from_hf(hf_cfg)
+            except ValueError as exc:
+                raise CheckpointError(f"{self.path / 'config.json'}: {exc}; not a model l2e-dist can load") from None
+            self.hf_hidden_act = hf_cfg.hidden_act
             ids = {k: getattr(hf_cfg, k, None) for k in ("bos_token_id", "eos_token_id")}
             self.token_ids = {k: v for k, v in ids.items() if v is not None}
             self._hf = _LazyHFTensors(self.path)  # read per tensor (or per TP slice), never all at once
@@ -106,7 +114,14 @@ class WeightSource:
             raise CheckpointError(f"{self.checkpoint_dir} records no model config (not an l2e-dist checkpoint)")
         self.model_config = build(ModelConfig, self.run_config["model"], "model")
         self.token_ids = dict(self.checkpoint.client_state.get("hf_token_ids") or {})
+        self.hf_hidden_act = self.checkpoint.client_state.get("hf_hidden_act")  # an import_hf output's label
         self._hf = None
+
+    @property
+    def pythia_gelu_label(self) -> bool:
+        """The weights come from a gpt_neox HF config labelled "gelu" (directly or through import_hf): Pythia's
+        label for its tanh-trained models, accepted by a tanh run config."""
+        return self.hf_hidden_act == PYTHIA_GELU_LABEL
 
     @property
     def names(self) -> list[str]:
@@ -376,6 +391,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tp: int) -> Path:
                 "step": 0,
                 "config": run_config,
                 "hf_token_ids": source.token_ids,
+                "hf_hidden_act": source.hf_hidden_act,
                 "format": IMPORT_FORMAT,
             }
             torch.save(state, tmp / f"mp_rank_{rank:02d}_model_states.pt")
@@ -415,9 +431,12 @@ def load_init_weights(model: torch.nn.Module, path: str | Path, tp_rank: int, tp
     DeepSpeed-wrapped) model; the optimizer starts fresh. The architectures must match."""
     source = WeightSource(path)
     ours = model.cfg
-    mismatch = architecture_mismatch(source.model_config, ours)
+    mismatch = architecture_mismatch(source.model_config, ours, source.pythia_gelu_label)
     if mismatch:
         raise CheckpointError(f"train.init_from={path} has another architecture ({mismatch}): use its model config")
+    note = pythia_gelu_note(source.model_config, ours, source.pythia_gelu_label, path)
+    if note and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        print(note, file=sys.stderr, flush=True)
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(source.names))
     if missing:

@@ -13,8 +13,14 @@ from l2e_dist.model.config import ModelConfig
 
 _HF_PREFIX = "gpt_neox."
 _TOP_LEVEL = ("embed_out.",)
+# The activation label (docs/pythia.md). Export writes what transformers computes as the run trained:
+# tanh -> "gelu_pytorch_tanh", none -> "gelu" (exact erf). Import reads labels literally, except one: Pythia's
+# published config.json says "gelu" though every Pythia model trained with tanh (gpt-neox bias-gelu-fusion), so
+# a gpt_neox "gelu" is also accepted as Pythia's label by a run config with gelu_approximate tanh
+# (compat.architecture_mismatch(pythia_gelu_label=True)).
 _GELU = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}
 _GELU_FROM_HF = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
+PYTHIA_GELU_LABEL = "gelu"
 
 
 def to_hf_name(name: str) -> str:
@@ -82,7 +88,8 @@ def model_config_from_hf(hf_cfg) -> ModelConfig:
     rope = getattr(hf_cfg, "rope_parameters", None) or {}
     if hf_cfg.hidden_act not in _GELU_FROM_HF:
         raise ValueError(
-            f"unsupported hidden_act {hf_cfg.hidden_act!r} (expected one of {list(_GELU_FROM_HF)})"
+            f"hidden_act {hf_cfg.hidden_act!r} is not a GELU GPT-NeoX/Pythia can train with (one of "
+            f"{list(_GELU_FROM_HF)})"
         )
     if getattr(hf_cfg, "tie_word_embeddings", False):
         raise ValueError("tied input/output embeddings are not a GPT-NeoX/Pythia layout")

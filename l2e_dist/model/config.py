@@ -23,9 +23,13 @@ class ModelConfig:
     gelu_approximate: Literal["tanh", "none"] = "tanh"  # Pythia trained with the tanh approximation
     use_parallel_residual: bool = True  # x + attn(ln1(x)) + mlp(ln2(x))
     make_vocab_size_divisible_by: int = 128  # times the TP size, as in Megatron/GPT-NeoX
-    init_method: Literal["small_init", "normal"] = "small_init"  # GPT-NeoX small_init: sqrt(2 / (5 h))
-    output_layer_init_method: Literal["wang_init", "normal"] = "wang_init"  # 2 / (L sqrt(h))
-    init_std: float = 0.02  # used by the "normal" init methods
+    # GPT-NeoX's init-method / output-layer-init-method (neox_args names). init_method: embedding, QKV, h_to_4h
+    # and the output layer; output_layer_init_method: attention.dense and 4h_to_h (the residual-branch outputs).
+    # Pythia 70m..2.8b: small_init sqrt(2 / (5 h)) + wang_init 2 / (L sqrt(h)); 6.9b and 12b set none, so
+    # gpt-neox's defaults applied: normal (init_std) + scaled_normal (init_std / sqrt(2 L)).
+    init_method: Literal["small_init", "normal"] = "small_init"
+    output_layer_init_method: Literal["wang_init", "scaled_normal", "normal"] = "wang_init"
+    init_std: float = 0.02  # gpt-neox init_method_std: used by "normal" and "scaled_normal"
     # Compute only (not an architecture parameter): tokens per chunk of the output projection + cross entropy;
     # the fp32 logits held at once are loss_chunk_tokens x vocab/TP (4096 x 50304 x 4 B = 0.8 GB).
     loss_chunk_tokens: int = 4096
@@ -51,8 +55,21 @@ class ModelConfig:
             raise ConfigError("layernorm_eps", "must be > 0")
         if self.loss_chunk_tokens < 1:
             raise ConfigError("loss_chunk_tokens", f"must be >= 1, got {self.loss_chunk_tokens}")
+        if self.init_std <= 0:
+            raise ConfigError("init_std", f"must be > 0, got {self.init_std}")
         if self.make_vocab_size_divisible_by < 1:
             raise ConfigError("make_vocab_size_divisible_by", "must be >= 1")
+
+    def init_stds(self) -> tuple[float, float]:
+        """(std of init_method, std of output_layer_init_method), as gpt-neox's init_functions.py computes them."""
+        h, n = self.hidden_size, self.num_layers
+        std_in = math.sqrt(2.0 / (5.0 * h)) if self.init_method == "small_init" else self.init_std
+        std_out = {
+            "wang_init": 2.0 / (n * math.sqrt(h)),
+            "scaled_normal": self.init_std / math.sqrt(2.0 * n),
+            "normal": self.init_std,
+        }[self.output_layer_init_method]
+        return std_in, std_out
 
     @property
     def head_dim(self) -> int:

@@ -17,8 +17,6 @@ in the forward for the training mean), so the fp32 logits of a whole micro-batch
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -52,10 +50,9 @@ def _normal_init(std: float):
 
 
 def init_methods(cfg: ModelConfig) -> tuple:
-    """GPT-NeoX init: small_init (Nguyen & Salazar) for inputs, wang_init for residual-branch outputs."""
-    h, n = cfg.hidden_size, cfg.num_layers
-    std_in = math.sqrt(2.0 / (5.0 * h)) if cfg.init_method == "small_init" else cfg.init_std
-    std_out = 2.0 / (n * math.sqrt(h)) if cfg.output_layer_init_method == "wang_init" else cfg.init_std
+    """GPT-NeoX init (model.init_method / output_layer_init_method): the first for the embedding, QKV, h_to_4h and
+    the output layer, the second for the residual-branch outputs (attention.dense, 4h_to_h); biases zero."""
+    std_in, std_out = cfg.init_stds()
     return _normal_init(std_in), _normal_init(std_out)
 
 

@@ -12,28 +12,50 @@ from l2e_dist.parallel.batching import accumulation_steps
 
 
 def lr_multiplier(step: int, cfg: RunConfig) -> float:
-    """Linear warmup then cosine (or linear) decay to min_lr_ratio, as in GPT-NeoX/Pythia, over
-    optimizer.lr_decay_iters (default train.train_iters) steps; times the optional re-warm-up ramp after
-    train.branch_step. `step` counts optimizer steps already taken (0-based, absolute: a run branched at step N
-    starts at step N)."""
+    """The lr as a fraction of optimizer.lr after `step` applied updates (0-based, absolute: a run branched at
+    step N starts at N), over optimizer.lr_decay_iters (default train.train_iters) steps, by the formula
+    optimizer.schedule names; times the optional re-warm-up ramp after train.branch_step."""
     opt = cfg.optimizer
     total = opt.lr_decay_iters or cfg.train.train_iters
-    warmup = int(round(opt.warmup_fraction * total))
-    if warmup and step < warmup:
-        value = (step + 1) / warmup
-    elif opt.decay_style == "constant":
-        value = 1.0
+    if opt.schedule == "annealing_lr_d36f623":
+        value = annealing_lr_d36f623(step, total, opt.warmup_fraction * total, opt.decay_style, opt.min_lr_ratio)
     else:
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if opt.decay_style == "linear":
-            decay = 1.0 - progress
-        else:
-            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-        value = opt.min_lr_ratio + (1.0 - opt.min_lr_ratio) * decay
+        value = warmup_decay(step, total, opt.warmup_fraction, opt.decay_style, opt.min_lr_ratio)
     branch = cfg.train.branch_step
     if branch is not None and branch <= step < branch + opt.branch_warmup_iters:
         value *= (step - branch + 1) / opt.branch_warmup_iters
     return value
+
+
+def warmup_decay(step: int, total: int, warmup_fraction: float, decay_style: str, min_ratio: float) -> float:
+    """The later GPT-NeoX form: warm-up (n+1)/w over w = round(fraction x T) steps, then decay from 1 to
+    min_ratio over the T - w steps after it (cosine or linear), constant past T."""
+    warmup = int(round(warmup_fraction * total))
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if decay_style == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 1.0 - progress if decay_style == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def annealing_lr_d36f623(updates: int, total: int, warmup: float, decay_style: str, min_ratio: float) -> float:
+    """gpt-neox d36f623 megatron/learning_rates.py AnnealingLR.get_lr, the schedule Pythia trained with, as a
+    fraction of the peak lr. `updates` = the updates applied so far (AnnealingLR.num_iters: the first update
+    runs at 0, an fp16-overflow skipped step does not count), `warmup` = warmup x T unrounded, as gpt-neox
+    computes warmup_iter. The cosine has period T (not T - w) and no min_lr offset; the result is clamped."""
+    clipped = min(updates, total - warmup)
+    if warmup > 0 and updates <= warmup:
+        return clipped / warmup
+    since_warmup = clipped - warmup
+    if decay_style == "linear":
+        value = (total - since_warmup) / total
+    elif decay_style == "cosine":
+        value = 0.5 * (math.cos(math.pi * since_warmup / total) + 1.0)
+    else:
+        value = 1.0
+    return max(value, min_ratio)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -54,7 +76,8 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """The scheduler counts this run's steps; a branched run's schedule starts at train.branch_step (its
+    """The scheduler counts this run's applied updates (DeepSpeed's engine does not step it on an fp16-overflow
+    skipped step, as DeeperSpeed did not for Pythia); a branched run's schedule starts at train.branch_step (its
     checkpoints store the count since the branch, so a resume lands on the same absolute step)."""
     first_step = cfg.train.branch_step or 0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(first_step + step, cfg))
