@@ -83,8 +83,9 @@ def write_index_maps(corpus_prefix: str, output_dir: str, *, num_samples: int, s
         raise DataFileError(f"split {split!r} gives the {split_name} split no documents of {corpus_prefix}: "
                             "give it a share")
     documents = np.arange(bounds[which], bounds[which + 1], dtype=np.int32)
-    sizes = np.asarray(open_indexed(corpus_prefix).sequence_lengths)
-    maps = build_index_maps(sizes, documents, num_samples, seq_length, seed)
+    indexed = open_indexed(corpus_prefix)  # keep it referenced: its lengths are a view of its memory map
+    maps = build_index_maps(indexed.sequence_lengths, documents, num_samples, seq_length, seed)
+    del indexed
     files = map_files(corpus_prefix, output_dir, f"{split_name}_0", num_samples, seq_length, seed)
     os.makedirs(output_dir, exist_ok=True)
     for kind, array in zip(("doc", "sample", "shuffle"), maps, strict=True):

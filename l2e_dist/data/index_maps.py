@@ -71,7 +71,12 @@ def locate_index_maps(location: str, data_seed: int | None) -> IndexMapFiles:
                           if name.endswith("_doc_idx.npy"))
         found = [_files_of(p) for p in prefixes]
         if data_seed is not None:
+            seeds = sorted({f.named_seed for f in found if f.named_seed is not None})
             found = [f for f in found if f.named_seed in (None, data_seed)]
+            if not found and seeds:
+                raise IndexMapError(f"{location} holds the index maps of seed(s) {seeds}, not of data.data_seed "
+                                    f"{data_seed}: point data.index_maps at seed {data_seed}'s maps or set "
+                                    f"data.data_seed to the seed of these")
         if not found:
             seeded = f" for data seed {data_seed} ('..._{data_seed}s_doc_idx.npy')" if data_seed is not None else ""
             raise IndexMapError(f"{location} holds no index maps{seeded} (no *_doc_idx.npy): point data.index_maps "
@@ -142,7 +147,8 @@ def check_index_maps(maps: IndexMaps, prefix: str, seq_length: int) -> None:
         raise IndexMapError(f"{files.path('sample')} was built for seq_length {files.named_seq_length} (its name's "
                             f"'{files.named_seq_length}sl') but train.seq_length is {seq_length}: set "
                             f"train.seq_length={files.named_seq_length}")
-    sizes = np.asarray(open_indexed(prefix).sequence_lengths)
+    indexed = open_indexed(prefix)  # referenced until the end: `sizes` is a view of its memory map
+    sizes = indexed.sequence_lengths
     num_sequences = sizes.shape[0]
     doc, sample, shuffle = maps.doc, maps.sample, maps.shuffle
     another = ("these index maps were built on another corpus: point data.paths at the unshuffled .bin/.idx they "
@@ -190,6 +196,7 @@ def check_index_maps(maps: IndexMaps, prefix: str, seq_length: int) -> None:
             raise IndexMapError(f"{files.path('shuffle')} holds sample {int(block.max())} but "
                                 f"{files.path('sample')} describes {sample.shape[0] - 1}: the maps are of different "
                                 "seeds or builds; download all three again")
+    del indexed
 
 
 def _map_fingerprint(files: IndexMapFiles) -> list:
