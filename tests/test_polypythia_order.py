@@ -12,6 +12,8 @@ tokens [j*SEQ, j*SEQ + SEQ]) read from the .bin with numpy.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +129,7 @@ def polypythia(tmp_path_factory) -> dict:
     out = {"root": root, "corpus": root / "pile", "lengths": lengths, "tokenizer": root / "tokenizer.json"}
     for seed in (SEED_A, SEED_B):
         files = write_index_maps(str(root / "pile"), str(root / f"seed{seed}"), num_samples=NUM_SAMPLES,
-                                 seq_length=SEQ, seed=seed, split="1,0,0")
+                                 seq_length=SEQ, seed=seed)
         rows = reference_samples(root / "pile", lengths, *load_maps(files))
         write_preshuffled(root / f"preshuffled{seed}", rows)
         out[seed] = {"maps": files, "dir": root / f"seed{seed}", "rows": rows,
@@ -167,7 +169,7 @@ def assert_one_line_user_error(exc: BaseException, *needles: str) -> None:
         assert needle in message, message
 
 
-def test_built_maps_are_gpt_neox_maps_over_two_epochs_and_seeds_differ(polypythia):
+def test_built_maps_are_gpt_neox_maps_over_two_epochs_and_seeds_differ(polypythia, tmp_path):
     sizes = np.asarray(polypythia["lengths"], dtype=np.int32)
     for seed in (SEED_A, SEED_B):
         files = polypythia[seed]["maps"]
@@ -184,6 +186,13 @@ def test_built_maps_are_gpt_neox_maps_over_two_epochs_and_seeds_differ(polypythi
     doc_a, _, shuffle_a = load_maps(polypythia[SEED_A]["maps"])
     doc_b, _, shuffle_b = load_maps(polypythia[SEED_B]["maps"])
     assert not np.array_equal(doc_a, doc_b) and not np.array_equal(shuffle_a[:GBS], shuffle_b[:GBS])
+    # GPT-NeoX's data-path + split: the train split's documents only (Megatron's rounding: 30 of 40)
+    split = write_index_maps(str(polypythia["corpus"]), str(tmp_path), num_samples=20, seq_length=SEQ, seed=SEED_A,
+                             split="3,1,0")
+    assert os.path.basename(split.prefix) == f"pile_train_indexmap_20ns_{SEQ}sl_{SEED_A}s"
+    reference = neox_index_maps(sizes, np.arange(30, dtype=np.int32), 20, SEQ, SEED_A)
+    for built, expected in zip(load_maps(split), reference[:3], strict=True):
+        np.testing.assert_array_equal(built, expected)
 
 
 def test_rows_through_the_maps_are_the_preshuffled_files_rows_batch_by_batch(polypythia, tmp_path):
@@ -275,7 +284,21 @@ def test_bad_index_maps_are_one_line_errors_naming_the_file(polypythia, tmp_path
 
 
 @pytest.mark.slow
-def test_the_batch_viewer_prints_one_line_for_bad_maps(polypythia, tmp_path):
+def test_the_cli_builds_the_maps_and_the_viewer_shows_their_batches_or_one_line(polypythia, tmp_path):
+    built = subprocess.run([sys.executable, "-m", "launcher.prepare_data", "index-maps", "--input",
+                            str(polypythia["corpus"]), "--output-dir", str(tmp_path / "cli"), "--seed", str(SEED_A),
+                            "--num-samples", str(NUM_SAMPLES), "--seq-length", str(SEQ)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr
+    for kind in ("doc", "sample", "shuffle"):
+        name = os.path.basename(polypythia[SEED_A]["maps"].path(kind))
+        np.testing.assert_array_equal(np.load(tmp_path / "cli" / name), np.load(polypythia[SEED_A]["maps"].path(kind)))
+
+    sets = overrides(polypythia, tmp_path / "v", **{"data.index_maps": str(tmp_path / "cli")})
+    shown = viewer("--config", TINY, *[a for s in sets for a in ("--set", s)], "--step", "2")
+    assert shown.returncode == 0, shown.stderr
+    printed = np.array([[int(t) for t in line.split()] for line in shown.stdout.splitlines()])
+    np.testing.assert_array_equal(printed, polypythia[SEED_A]["rows"][2 * GBS : 3 * GBS])
     sets = overrides(polypythia, tmp_path / "v", **{"data.index_maps": str(tmp_path / "nowhere_doc_idx.npy")})
     shown = viewer("--config", TINY, *[a for s in sets for a in ("--set", s)], "--step", "0")
     assert shown.returncode == 2 and shown.stderr.count("\n") == 1, shown.stderr

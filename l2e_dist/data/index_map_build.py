@@ -8,8 +8,9 @@ drawing, in this order:
                 by one token; megatron-core ships the same compiled helper);
   shuffle_idx = arange(len(sample_idx) - 1) as uint32 (int64 past 2**32 - 2), shuffled.
 num_epochs is the least with (num_epochs * tokens_per_epoch - 1) // seq_length >= num_samples. The documents are
-the train split of the corpus's sequences (`data.split` rounding, Megatron's get_train_valid_test_split_). Files
-are named as GPT-NeoX names them, so `data.index_maps` reads ours and the published ones alike.
+every sequence of the corpus (GPT-NeoX's `train-data-paths`, as Pythia's configs: the `train_0` maps), or one split
+of them (`data-path` + `split`, Megatron's get_train_valid_test_split_ rounding). Files are named as GPT-NeoX
+names them, so `data.index_maps` reads ours and the published ones alike.
 """
 
 from __future__ import annotations
@@ -70,23 +71,28 @@ def map_files(corpus_prefix: str, output_dir: str, split_name: str, num_samples:
 
 
 def write_index_maps(corpus_prefix: str, output_dir: str, *, num_samples: int, seq_length: int, seed: int,
-                     split: str = "969,30,1", split_name: str = "train") -> IndexMapFiles:
-    """Build the maps of `split_name`'s documents of `corpus_prefix` and write them (atomically) into
-    `output_dir` under GPT-NeoX's names; returns their files. `l2e-prepare-data index-maps` calls this."""
+                     split: str | None = None, split_name: str = "train") -> IndexMapFiles:
+    """Build the maps of `corpus_prefix` and write them (atomically) into `output_dir` under GPT-NeoX's names;
+    returns their files. `split` None: every document, named `train_0` (GPT-NeoX's `train-data-paths`, as
+    Pythia's configs and the published maps); else `split_name`'s documents of that split, named `split_name`
+    (GPT-NeoX's `data-path` + `split`). `l2e-prepare-data index-maps` calls this."""
     if num_samples < 1 or seq_length < 1 or seed < 0:
         raise DataFileError(f"need num_samples >= 1, seq_length >= 1 and seed >= 0, got {num_samples}, "
                             f"{seq_length}, {seed}")
     info = check_index(corpus_prefix)
-    which = SPLIT_NAMES.index(split_name)
-    bounds = split_boundaries(info.num_sequences, parse_split(split))
-    if bounds[which + 1] <= bounds[which]:
-        raise DataFileError(f"split {split!r} gives the {split_name} split no documents of {corpus_prefix}: "
-                            "give it a share")
-    documents = np.arange(bounds[which], bounds[which + 1], dtype=np.int32)
+    if split is None:
+        documents, name = np.arange(info.num_sequences, dtype=np.int32), "train_0"
+    else:
+        which = SPLIT_NAMES.index(split_name)
+        bounds = split_boundaries(info.num_sequences, parse_split(split))
+        if bounds[which + 1] <= bounds[which]:
+            raise DataFileError(f"split {split!r} gives the {split_name} split no documents of {corpus_prefix}: "
+                                "give it a share")
+        documents, name = np.arange(bounds[which], bounds[which + 1], dtype=np.int32), split_name
     indexed = open_indexed(corpus_prefix)  # keep it referenced: its lengths are a view of its memory map
     maps = build_index_maps(indexed.sequence_lengths, documents, num_samples, seq_length, seed)
     del indexed
-    files = map_files(corpus_prefix, output_dir, f"{split_name}_0", num_samples, seq_length, seed)
+    files = map_files(corpus_prefix, output_dir, name, num_samples, seq_length, seed)
     os.makedirs(output_dir, exist_ok=True)
     for kind, array in zip(("doc", "sample", "shuffle"), maps, strict=True):
         atomic_save_npy(files.path(kind), array)
