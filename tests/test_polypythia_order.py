@@ -12,6 +12,7 @@ tokens [j*SEQ, j*SEQ + SEQ]) read from the .bin with numpy.
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -209,6 +210,12 @@ def test_rows_through_the_maps_are_the_preshuffled_files_rows_batch_by_batch(pol
             batch = global_batch_tokens(maps_cfg, step, datasets=through_maps)
             np.testing.assert_array_equal(batch, rows[step * GBS : (step + 1) * GBS])
             np.testing.assert_array_equal(batch, global_batch_tokens(file_cfg, step))
+    # a held-out range cut from the order's end, as data.order=pythia does; the datasets pickle as paths
+    rows = polypythia[SEED_A]["rows"]
+    held_out = build_datasets(config(polypythia, tmp_path, **{"data.split": "9,1,0"}).data, SEQ, 1)
+    boundary = len(held_out.train)
+    assert boundary == round(0.9 * len(rows)) and len(held_out.valid) == len(rows) - boundary
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(held_out.valid))[0]["tokens"].numpy(), rows[boundary])
     first_a = global_batch_tokens(config(polypythia, tmp_path, seed=SEED_A), 0)
     first_b = global_batch_tokens(config(polypythia, tmp_path, seed=SEED_B), 0)
     assert not np.array_equal(first_a, first_b)
