@@ -281,10 +281,10 @@ def cross_validate(cfg: RunConfig) -> None:
             f"{cfg.train.seq_length} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}",
         )
     order_batch = cfg.data.order_batch_size
-    if cfg.data.order == "pythia" and order_batch is not None and cfg.train.global_batch_size != order_batch:
+    if cfg.data.order != "packed" and order_batch is not None and cfg.train.global_batch_size != order_batch:
         raise ConfigError(
             "train.global_batch_size",
-            f"{cfg.train.global_batch_size} does not match the file's order: data.order=pythia with "
+            f"{cfg.train.global_batch_size} does not match the file's order: data.order={cfg.data.order} with "
             f"data.order_batch_size={order_batch} means global batch i is samples [i*{order_batch}, "
             f"(i+1)*{order_batch}); set train.global_batch_size={order_batch} (change micro_batch_size instead)",
         )

@@ -86,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--split", choices=["train", "valid", "test"], default="train")
     batch.add_argument("--out", help="write an int64 .npy [global_batch_size, seq_length + 1] here (atomically) "
                                      "instead of printing one sample per line")
+    maps = commands.add_parser("index-maps", help="GPT-NeoX's doc/sample/shuffle index maps of a seed's data order "
+                                                  "(data.order=pythia_index_maps; docs/polypythia.md)")
+    maps.add_argument("--input", required=True, help=".bin/.idx prefix of the unshuffled corpus (no extension)")
+    maps.add_argument("--output-dir", required=True, help="writes <name>_train_0_indexmap_<N>ns_<L>sl_<seed>s_*.npy")
+    maps.add_argument("--seed", type=int, required=True, help="GPT-NeoX's seed (Pythia: 1234; PolyPythia seedN: N)")
+    maps.add_argument("--num-samples", type=int, default=147164160, help="samples requested (Pythia's maps: "
+                                                                          "147164160)")
+    maps.add_argument("--seq-length", type=int, default=2048)
+    maps.add_argument("--split", help="only this split's documents, e.g. '969,30,1' (GPT-NeoX data-path + split); "
+                                      "default: every document (train-data-paths, as Pythia)")
     for command_parser in commands.choices.values():
         add_debug_flag(command_parser)
     return parser
@@ -121,6 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "batch":
         return show_batch(args)
+    if args.command == "index-maps":
+        from launcher import quiet_known_warnings
+
+        quiet_known_warnings()
+        from l2e_dist.data.index_map_build import write_index_maps
+
+        files = write_index_maps(args.input, args.output_dir, num_samples=args.num_samples,
+                                 seq_length=args.seq_length, seed=args.seed, split=args.split)
+        print(f"wrote {files.prefix}_{{doc,sample,shuffle}}_idx.npy: set data.index_maps={args.output_dir}")
+        return 0
     source = _source(args)
     if args.command == "train-tokenizer":
         used = train_tokenizer(source, args.output, args.vocab_size, args.sample_docs, args.text_field,

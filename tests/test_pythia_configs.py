@@ -24,12 +24,34 @@ PUBLISHED = {
     "6.9b": (32, 4096, 32, 1.2e-4, 2, "fp16"),
     "12b": (36, 5120, 40, 1.2e-4, 4, "fp16"),
 }
+# PolyPythia's smallest sizes (EleutherAI/pythia models/14M, 31M): standard Pile only, ZeRO stage 0, fp16
+# size: (layers, hidden, heads, lr)
+SMALL = {"14m": (6, 128, 4, 1.0e-3), "31m": (6, 256, 8, 1.0e-3)}
 
 
 def test_every_size_is_shipped():
     sizes = {p.stem.removeprefix("pythia-") for p in (ROOT / "configs").glob("pythia-*.yaml")
              if not p.stem.endswith("-deduped")}
-    assert sizes == set(PUBLISHED)
+    assert sizes == set(PUBLISHED) | set(SMALL)
+
+
+@pytest.mark.parametrize("size", SMALL)
+def test_small_sizes_and_the_seeded_order_overlay(size):
+    layers, hidden, heads, lr = SMALL[size]
+    cfg = load_config([str(ROOT / "configs" / f"pythia-{size}.yaml")])
+    m, t, o = cfg.model, cfg.train, cfg.optimizer
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads) == (layers, hidden, heads)
+    assert (m.rotary_pct, m.use_parallel_residual, t.seq_length, t.global_batch_size) == (0.25, True, 2048, 1024)
+    assert o.lr == pytest.approx(lr) and (o.warmup_fraction, o.lr_decay_iters) == (0.01, 143000)
+    assert (cfg.deepspeed.zero_stage, cfg.deepspeed.precision, cfg.parallel.tensor_parallel) == (0, "fp16", 1)
+    assert t.output_dir == f"runs/pythia-{size}"
+    seeded = load_config([str(ROOT / "configs" / f"pythia-{size}.yaml"),
+                          str(ROOT / "configs" / "data" / "pythia_seed_index_maps.yaml")],
+                         ["data.index_maps=data/pythia/index-maps/seed3"])
+    d = seeded.data
+    assert (d.order, d.order_batch_size, d.split, d.index_maps) == ("pythia_index_maps", 1024, "1,0,0",
+                                                                     "data/pythia/index-maps/seed3")
+    assert d.paths == ["data/pythia/pile-unshuffled/pile_20B_tokenizer_text_document"]
 
 
 @pytest.mark.parametrize("size", PUBLISHED)
@@ -57,7 +79,7 @@ def test_published_values(size):
         assert t.output_dir == f"runs/pythia-{size}{variant}"
 
 
-@pytest.mark.parametrize("size", PUBLISHED)
+@pytest.mark.parametrize("size", [*PUBLISHED, *SMALL])
 def test_size_files_hold_only_what_differs(size):
     base = yaml.safe_load((ROOT / "configs" / "base" / "pythia.yaml").read_text())
     own = yaml.safe_load((ROOT / "configs" / f"pythia-{size}.yaml").read_text())

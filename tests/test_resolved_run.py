@@ -18,7 +18,7 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 def _data(vocab: int = 1000, features: tuple[str, ...] = ()):
-    return SimpleNamespace(vocab_size=vocab, feature_names=list(features))
+    return SimpleNamespace(vocab_size=vocab, feature_names=list(features), data_seed=None)  # a Datasets stand-in
 
 
 def test_derived_values_land_in_a_copy_and_the_users_config_stays():

@@ -53,6 +53,7 @@ from l2e_dist.checkpoint.manifest import (
 )
 from l2e_dist.checkpoint.reshard import load_resharded
 from l2e_dist.config_utils import build
+from l2e_dist.data.data_seed import check_resume_data_seed
 from l2e_dist.errors import environment_error_message
 from l2e_dist.fileio import atomic_write_text, fsync_path
 from l2e_dist.model.config import ModelConfig
@@ -289,6 +290,7 @@ def resume(engine, cfg, ckpt_dir: Path, inhibitor=None) -> int:
         raise CheckpointError(f"{ckpt} holds weights only (no optimizer state): start from it with "
                               "train.init_from in a fresh train.output_dir instead of resuming")
     check_resumable(saved.get("config") or {}, cfg)
+    check_resume_data_seed(ckpt, saved, cfg.data.data_seed)
     before, now = checkpoint_layout(source), run_layout(engine)
     if before == now:
         client_state = load_checkpoint(engine, ckpt)

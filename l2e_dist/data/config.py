@@ -52,10 +52,20 @@ class DataConfig:
     #   tokens, read whole), global batch i = samples [i*G, (i+1)*G) in file order, no shuffle, no packing, no
     #   wrap-around; `split` cuts the samples contiguously (train first, so training keeps the file's order;
     #   valid = the held-out range after it) unless valid_paths is given.
-    order: Literal["packed", "pythia"] = "packed"
-    # data.order=pythia: the global batch the file's order was written for (Pythia: 1024); train.global_batch_size
-    # must equal it. None: not checked.
+    # pythia_index_maps: a PolyPythia seed's order (docs/polypythia.md): the ONE unshuffled path read through the
+    #   GPT-NeoX index maps named by `index_maps` (doc/sample/shuffle_idx .npy, memory-mapped): sample k =
+    #   GPT-NeoX GPT2Dataset[k]; then as pythia (file order, contiguous split, batch i = samples [i*G, (i+1)*G)).
+    order: Literal["packed", "pythia", "pythia_index_maps"] = "packed"
+    # data.order=pythia / pythia_index_maps: the global batch the order was cut for (Pythia: 1024);
+    # train.global_batch_size must equal it. None: not checked.
     order_batch_size: int | None = None
+    # data.order=pythia_index_maps: a folder holding the maps (`*_indexmap_<N>ns_<L>sl_<seed>s_doc_idx.npy`,
+    # `..._sample_idx.npy`, `..._shuffle_idx.npy`), or their common prefix (up to `..._<seed>s`).
+    index_maps: str | None = None
+    # The seed the data order was drawn with (GPT-NeoX `seed`; Pythia's standard order: 1234, PolyPythia seedN: N).
+    # pythia_index_maps: taken from the maps' names when null, refused when they say another. pythia: a label of
+    # the pre-shuffled file's order. Recorded in checkpoints; a branch or resume across data seeds is refused.
+    data_seed: int | None = None
     # Validation from separate .bin/.idx prefixes (e.g. the Pile's validation set from l2e-prepare-data), packed
     # (all their documents); `split` must then give valid a share of 0.
     valid_paths: list[str] = field(default_factory=list)
@@ -94,5 +104,28 @@ class DataConfig:
                                   f"training order), got {len(self.paths)} paths: give exactly one prefix")
             if self.weights is not None:
                 raise ConfigError("weights", "data.order=pythia does not blend: remove data.weights")
+        self._validate_index_maps()
         if self.order_batch_size is not None and self.order_batch_size < 1:
             raise ConfigError("order_batch_size", f"must be >= 1 or null, got {self.order_batch_size}")
+
+    def _validate_index_maps(self) -> None:
+        """data.order=pythia_index_maps reads one unshuffled corpus through one seed's maps."""
+        if self.data_seed is not None and (isinstance(self.data_seed, bool) or self.data_seed < 0):
+            raise ConfigError("data_seed", f"must be a non-negative integer (GPT-NeoX's seed) or null, "
+                              f"got {self.data_seed!r}")
+        if self.data_seed is not None and self.order == "packed":
+            raise ConfigError("data_seed", "names the seed of a Pythia order (data.order=pythia or "
+                              "pythia_index_maps); the packed order is drawn from train.seed: remove data.data_seed")
+        if self.order != "pythia_index_maps":
+            if self.index_maps is not None:
+                raise ConfigError("index_maps", f"is read only with data.order=pythia_index_maps (order is "
+                                  f"{self.order!r}): set data.order=pythia_index_maps or remove data.index_maps")
+            return
+        if not self.index_maps:
+            raise ConfigError("index_maps", "data.order=pythia_index_maps needs the seed's index maps: set "
+                              "data.index_maps to their folder or their common file prefix")
+        if len(self.paths) != 1:
+            raise ConfigError("paths", f"data.order=pythia_index_maps reads ONE unshuffled corpus through the maps, "
+                              f"got {len(self.paths)} paths: give the prefix the maps were built on")
+        if self.weights is not None:
+            raise ConfigError("weights", "data.order=pythia_index_maps does not blend: remove data.weights")

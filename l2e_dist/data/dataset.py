@@ -11,6 +11,8 @@
 * File order (`data.order: pythia`, Pythia's pre-shuffled files): sequence k of the file (there: document k)
   is sample k, read whole (every one must hold seq_length + 1 tokens); `split` cuts the samples contiguously,
   train first, so training keeps the file's order; the sampler reads global batch s as samples [s*G, (s+1)*G).
+* Index-map order (`data.order: pythia_index_maps`, a PolyPythia seed): the same, with sample k read from an
+  unshuffled corpus through GPT-NeoX's doc/sample/shuffle index maps (index_maps.py).
 
 The packing order and the blend are pure functions of (file contents, split, seed, weights); they are cached as
 .npy files under `data.cache_dir/index/` (atomic writes) and memory-mapped, so every rank shares them.
@@ -29,6 +31,7 @@ from torch.utils.data import Dataset
 
 from l2e_dist.config_utils import ConfigError
 from l2e_dist.data.config import DataConfig, parse_split
+from l2e_dist.data.index_maps import IndexMapDataset, checked_index_maps, locate_index_maps, resolve_data_seed
 from l2e_dist.data.indexed import (
     DataFileError,
     check_index,
@@ -290,13 +293,14 @@ def _blend(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Datasets:
     """What build_datasets returns; `feature_names[f]` names feature id f in the samples' "features"."""
 
-    train: BlendedDataset | FileOrderDataset
-    valid: BlendedDataset | FileOrderDataset
-    test: BlendedDataset | FileOrderDataset
+    train: BlendedDataset | FileOrderDataset | IndexMapDataset
+    valid: BlendedDataset | FileOrderDataset | IndexMapDataset
+    test: BlendedDataset | FileOrderDataset | IndexMapDataset
     vocab_size: int
     eod_id: int
     tokenizer_path: str | None
     feature_names: list[str]
+    data_seed: int | None = None  # the seed of a Pythia order (data.data_seed, or the index maps' names)
 
 
 def _resolve_tokenizer(cfg: DataConfig, prefixes: list[str]) -> tuple[int, int, str | None]:
@@ -346,10 +350,21 @@ def build_datasets(cfg: DataConfig, seq_length: int, seed: int) -> Datasets:
     label_maps = [None if sc is None else np.array([feature_names.index(n) for n in sc[1]], dtype=np.int64)
                   for sc in sidecars]
     index_root = os.path.join(os.path.abspath(cfg.cache_dir), "index")
+    data_seed = cfg.data_seed
+    if cfg.order == "pythia_index_maps":  # a PolyPythia seed's order (index_maps.py)
+        maps_files = locate_index_maps(cfg.index_maps, cfg.data_seed)
+        data_seed = resolve_data_seed(maps_files, cfg.data_seed)
+        maps = checked_index_maps(maps_files, prefixes[0], fingerprints[0], seq_length, index_root)
     splits: list = []
     for split_id, split_name in enumerate(SPLIT_NAMES):
         if split_name == "valid" and valid_prefixes:
             splits.append(_whole_files_packed(valid_prefixes, seq_length, seed, index_root))
+            continue
+        if cfg.order == "pythia_index_maps":
+            bounds = split_boundaries(maps.num_samples, fractions)
+            splits.append(IndexMapDataset(prefixes[0], maps_files, (bounds[split_id], bounds[split_id + 1]),
+                                          seq_length, label_maps[0], _key(INDEX_VERSION, maps_files.prefix,
+                                                                          fingerprints[0], split_id)))
             continue
         if cfg.order == "pythia":
             bounds = split_boundaries(infos[0].num_sequences, fractions)
@@ -374,7 +389,7 @@ def build_datasets(cfg: DataConfig, seq_length: int, seed: int) -> Datasets:
         weights = list(cfg.weights) if cfg.weights is not None else [float(len(p)) for p in parts]
         splits.append(_blend_parts(parts, weights, seq_length, index_root))
     return Datasets(*splits, vocab_size=vocab_size, eod_id=eod_id, tokenizer_path=tokenizer_path,
-                    feature_names=feature_names)
+                    feature_names=feature_names, data_seed=data_seed)
 
 
 def _blend_parts(parts: list[PackedDataset], weights: list[float], seq_length: int,

@@ -31,6 +31,7 @@ class Derived:
     vocab_size: int
     padded_vocab_size: int
     num_features: int
+    data_seed: int | None = None  # the seed of a Pythia data order (data.data_seed or the index maps' names)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ def resolve_run(cfg: RunConfig, world_size: int, datasets: Datasets) -> Resolved
     resolved = copy.deepcopy(cfg)
     resolved.model.vocab_size = resolve_vocab_size(cfg, datasets.vocab_size)
     resolved.l2e.num_features = resolve_num_features(cfg, datasets)
+    resolved.data.data_seed = datasets.data_seed
     tp = cfg.parallel.tensor_parallel
     derived = Derived(
         world_size=world_size,
@@ -82,5 +84,6 @@ def resolve_run(cfg: RunConfig, world_size: int, datasets: Datasets) -> Resolved
         vocab_size=resolved.model.vocab_size,
         padded_vocab_size=resolved.model.padded_vocab_size(tp),
         num_features=resolved.l2e.num_features,
+        data_seed=datasets.data_seed,
     )
     return ResolvedRun(resolved, derived)

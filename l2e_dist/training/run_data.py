@@ -19,6 +19,7 @@ from l2e_dist.config import RunConfig
 from l2e_dist.config_utils import ConfigError
 from l2e_dist.data import Datasets, build_datasets, global_batch_iterator
 from l2e_dist.data.tokenizer import TextTokenizer
+from l2e_dist.training.init_data_seed import check_init_data_seed
 
 SPLITS = ("train", "valid", "test")
 # Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by (128) x TP: at most 1023 rows at TP 8.
@@ -85,6 +86,7 @@ def check_run_data(cfg: RunConfig, datasets: Datasets) -> None:
                               f"but the held-out range (data.split) holds {len(valid)}: lower train.eval_iters, "
                               "give validation a larger share in data.split, or set data.valid_paths")
     check_init_vocab(cfg, datasets.vocab_size)
+    check_init_data_seed(cfg, datasets.data_seed)  # a branch continues its model's data order
 
 
 def check_init_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
