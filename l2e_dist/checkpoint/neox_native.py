@@ -34,8 +34,11 @@ from typing import Any
 
 import torch
 
+from l2e_dist.checkpoint.compat import resize_vocab_rows
 from l2e_dist.checkpoint.ds_files import OPTIMIZER_KINDS, CheckpointFormatError, DeepSpeedCheckpoint
-from l2e_dist.model.tp_layout import merge_shards
+from l2e_dist.checkpoint.manifest import CheckpointError
+from l2e_dist.model.config import ModelConfig
+from l2e_dist.model.tp_layout import split_tensor
 
 NEOX_FORMAT = "gpt-neox-native"  # client_state["format"] of this reader
 WEIGHT_KIND = "weight"  # full(name, WEIGHT_KIND): the training-dtype weights of the layer files (as fp32)
@@ -54,6 +57,7 @@ _BUFFERS = (".inv_freq",)  # rotary inverse frequencies: recomputed by our model
 _NUMPY_GLOBALS = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
                   "numpy.dtype", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"}
 _RECORD_MODULES = ("deepspeed", "megatron", "apex")
+MAX_VOCAB_PADDING = 1024  # Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by x TP (<= 128 x 8)
 
 
 class NeoxRecord:
@@ -389,8 +393,41 @@ class NeoxNativeCheckpoint(DeepSpeedCheckpoint):
         self._open_zero.clear()
         self._open_for = None
 
-    def tp_merged(self, name: str, kind: str) -> torch.Tensor:
-        return merge_shards(name, [self.local(name, kind, tp) for tp in range(self.tp_size)])
+
+def neox_architecture_mismatch(source: NeoxNativeCheckpoint, cfg: ModelConfig) -> str:
+    """'' when the checkpoint's gpt-neox args describe `cfg`'s size, else which fields differ."""
+    differ = [f"{key}={source.args.get(key)} (config {getattr(cfg, key)})"
+              for key in ("num_layers", "hidden_size", "num_attention_heads") if source.args.get(key) != getattr(cfg, key)]
+    rows = int(source.args.get("padded_vocab_size") or source.local_shape("embed_in.weight")[0] * source.tp_size)
+    if cfg.vocab_size is not None and not cfg.vocab_size <= rows < cfg.vocab_size + MAX_VOCAB_PADDING:
+        differ.append(f"padded_vocab_size={rows} (model.vocab_size {cfg.vocab_size}: another tokenizer)")
+    return ", ".join(differ)
+
+
+def check_neox_architecture(source: NeoxNativeCheckpoint, cfg: ModelConfig) -> None:
+    mismatch = neox_architecture_mismatch(source, cfg)
+    if mismatch:
+        raise CheckpointError(f"train.init_from={source.directory}: its mp_rank_00_model_states.pt args say {mismatch}: "
+                              "use the config of that model size (configs/pythia-<size>.yaml) and its tokenizer")
+
+
+def load_neox_weights(model: torch.nn.Module, path: str | Path, tp_rank: int, tp_size: int) -> None:
+    """`train.init_from` of a gpt-neox directory: this TP rank's slice of the layer files' weights (training dtype,
+    cast to the model's), one parameter at a time. The fp32 masters replace them once the engine exists
+    (training.neox_branch)."""
+    source = NeoxNativeCheckpoint(path)
+    check_neox_architecture(source, model.cfg)
+    rows, vocab = int(model.padded_vocab_size), int(model.cfg.vocab_size or 0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            full = resize_vocab_rows(name, source.full(name, WEIGHT_KIND), rows, vocab)
+            local = split_tensor(name, full, tp_size, tp_rank)
+            if local.shape != param.shape:
+                raise CheckpointError(f"train.init_from={path}: {name} has shape {tuple(local.shape)} on TP rank "
+                                      f"{tp_rank}, the model expects {tuple(param.shape)}: use the config of that "
+                                      "model size")
+            param.copy_(local)
+    source.release()
 
 
 def _piece(state: dict, group: int, interval: int, kind: str) -> torch.Tensor:

@@ -36,6 +36,7 @@ from l2e_dist.parallel.state import (
     tensor_and_data_parallel_group,
 )
 from l2e_dist.training.metrics import MetricsLogger
+from l2e_dist.training.neox_branch import continue_neox_optimizer, neox_branch
 from l2e_dist.training.numerics import NonFiniteGuard, disable_deepspeed_min_scale_error, optimizer_loss_scale
 from l2e_dist.training.optim import initialize_engine
 from l2e_dist.training.preemption import PreemptionHandler, start_watchdog
@@ -186,6 +187,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     check_run_data(cfg, datasets)  # file-order data ends; an init_from checkpoint's vocabulary
 
     seed_everything(cfg.train.seed)  # identical init on every rank and every TP size
+    neox = neox_branch(cfg)  # a gpt-neox checkpoint in train.init_from: size and branch_step checked first
     model = build_model(cfg, layout, device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.compile:
@@ -200,6 +202,9 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     if cfg.train.resume:
         with _slow_phase(watchdog, cfg, 0, "resume"):
             resumed_step = resume(engine, cfg, ckpt_dir, inhibitor)
+    if neox is not None and not resumed_step:  # continue the gpt-neox optimizer (a resume supersedes it)
+        with _slow_phase(watchdog, cfg, 0, "resume"):
+            continue_neox_optimizer(engine, cfg, neox)
     disable_deepspeed_min_scale_error(engine)  # after resume: loading a checkpoint replaces the loss scaler
     start_step = resumed_step or first_step(cfg)  # a fresh branched run starts at train.branch_step
     snapshot_steps = set(cfg.train.snapshot_steps())
