@@ -13,8 +13,8 @@ The format (docs/neox-checkpoints.md has the whole table):
 `loss_scaler_state`, ...), so `reshard.load_resharded` puts it onto any TP / DP / ZeRO stage of ours.
 
 Memory: tensors are memory-mapped (torch.load mmap=True). A ZeRO file is opened only while one parameter is read
-from it and released before the next parameter, so the mapped pages a rank touches never exceed one parameter's
-three fp32 states; the rank's extra memory is about one full-width parameter per state kind (merged over the
+from it and released before the next parameter (a layer file: while its pipeline layer is read), so the mapped
+pages a rank touches never exceed one parameter's three fp32 states (one layer's weights); the rank's extra memory is about one full-width parameter per state kind (merged over the
 source's TP shards, then cut to the target's slice).
 
 Pickles: the files hold a DeeperSpeed DynamicLossScaler, numpy RNG state and plain containers. `neox_load` unpickles
@@ -170,7 +170,7 @@ def layer_indices(num_layers: int) -> list[int]:
 class NeoxNativeCheckpoint(DeepSpeedCheckpoint):
     """One gpt-neox `global_stepN/` directory, read lazily, under our parameter names."""
 
-    def __init__(self, directory: str | Path):  # noqa: PLR0912 (one check per kind of missing file)
+    def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise CheckpointFormatError(f"{self.directory} is not a directory")
@@ -180,6 +180,7 @@ class NeoxNativeCheckpoint(DeepSpeedCheckpoint):
         self._files: dict[str, Any] = {}
         self._open_zero: dict[tuple[int, int], dict] = {}
         self._open_for: str | None = None
+        self._open_layer: int | None = None
         head = neox_load(self.directory / "mp_rank_00_model_states.pt")
         self._head = {k: v for k, v in head.items() if k not in ("module", "optimizer")}
         head_file = "mp_rank_00_model_states.pt"
@@ -197,6 +198,12 @@ class NeoxNativeCheckpoint(DeepSpeedCheckpoint):
                                         f"{args['model_parallel_size']} but mp_world_size={self.tp_size}: the "
                                         "files come from different runs; download the directory again")
         self._check_file_set(head_file)
+        for tp in range(1, self.tp_size):  # every TP rank's engine file must be of the same step
+            other = neox_load(self.directory / f"mp_rank_{tp:02d}_model_states.pt")
+            if (other.get("iteration"), other.get("global_steps")) != (self.iteration, self._head.get("global_steps")):
+                raise CheckpointFormatError(f"{self.directory / f'mp_rank_{tp:02d}_model_states.pt'} is of iteration "
+                                            f"{other.get('iteration')}, {head_file} of {self.iteration}: files of "
+                                            "different steps; download the directory again")
         self._meta = [self._zero_metadata(tp) for tp in range(self.tp_size)]
 
     # ---------------------------------------------------------------- files
@@ -379,6 +386,9 @@ class NeoxNativeCheckpoint(DeepSpeedCheckpoint):
 
     def _layer_tensor(self, name: str, tp: int, shape: torch.Size) -> torch.Tensor:
         layer, key = ours_to_neox(name, self.num_layers)
+        if layer != self._open_layer:  # keep only one pipeline layer's files mapped
+            self._files.clear()
+            self._open_layer = layer
         file = f"layer_{layer:02d}-model_{tp:02d}-model_states.pt"
         state = self._load(file)
         if key not in state or state[key].shape != shape:
@@ -391,7 +401,7 @@ class NeoxNativeCheckpoint(DeepSpeedCheckpoint):
         """Unmap every file this reader holds."""
         self._files.clear()
         self._open_zero.clear()
-        self._open_for = None
+        self._open_for = self._open_layer = None
 
 
 def neox_architecture_mismatch(source: NeoxNativeCheckpoint, cfg: ModelConfig) -> str:

@@ -67,6 +67,9 @@ def continue_neox_optimizer(engine, cfg: RunConfig, branch: NeoxBranch) -> None:
     if release is not None:
         release()
     position_schedule(engine.lr_scheduler, branch.num_iters - first_step(cfg))
+    if torch.distributed.get_rank() == 0:
+        print(f"l2e-dist: continued the gpt-neox optimizer of {branch.source.directory} (iteration {branch.iteration},"
+              f" {branch.num_iters} updates: Adam step and lr position {branch.num_iters})", flush=True)
 
 
 def position_schedule(scheduler, position: int) -> None:
