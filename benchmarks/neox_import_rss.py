@@ -132,6 +132,12 @@ def _measure(directory: str, layers: int, tp: int, iteration: int) -> dict:
         figures["optimizer_s"] = time.perf_counter() - started
         figures["optimizer_peak_gib"] = _status("VmHWM") / GIB
         figures["after_rss_gib"] = _status("VmRSS") / GIB
+        figures["after_rss_anon_gib"] = _status("RssAnon") / GIB
+        figures["after_rss_file_gib"] = _status("RssFile") / GIB
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # what the allocator kept of freed temporaries
+        figures["after_trim_rss_gib"] = _status("VmRSS") / GIB
         local = sum(p.numel() for p in model.parameters())
         figures["local_params_m"] = local / 1e6
         figures["state_gib"] = local * 12 / GIB  # fp32 weights + two moments: what the run must hold anyway
@@ -155,11 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         own = args.layers * 12 * PYTHIA_1B["hidden"] ** 2 + 2 * PYTHIA_1B["vocab"] * PYTHIA_1B["hidden"]
         bucket = int(PYTHIA_1B["bucket"] * own / full_params)
         started = time.perf_counter()
-        written = write_checkpoint(ckpt, args.layers, args.dp, bucket)
-        size = sum(p.stat().st_size for p in ckpt.iterdir())
-        print(f"wrote {ckpt}: {written['params'] / 1e6:.0f}M params, {size / GIB:.2f} GiB, dp={args.dp}, "
-              f"bucket={bucket}, intervals per group {written['intervals']} "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        if (ckpt / "mp_rank_00_model_states.pt").is_file():  # --dir of an earlier run: measure again
+            print(f"reusing {ckpt}", flush=True)
+        else:
+            written = write_checkpoint(ckpt, args.layers, args.dp, bucket)
+            size = sum(p.stat().st_size for p in ckpt.iterdir())
+            print(f"wrote {ckpt}: {written['params'] / 1e6:.0f}M params, {size / GIB:.2f} GiB, dp={args.dp}, "
+                  f"bucket={bucket}, intervals per group {written['intervals']} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
         from tests.distributed import run_distributed
 
         for figures in run_distributed(_measure, args.tp, str(ckpt), args.layers, args.tp, 1000):

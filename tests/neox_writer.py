@@ -1,6 +1,7 @@
 """A miniature writer of EleutherAI's native GPT-NeoX checkpoints (gpt-neox d36f623 + DeeperSpeed 0.3.15,
-PipelineModule, ZeRO-1 elastic state), written from /work/shared/docs/pythia-fidelity.md "Native GPT-NeoX
-checkpoints" and independently of l2e_dist's reader: its own TP split, its own ZeRO-1 partitioning
+PipelineModule, ZeRO-1 elastic state), written from the format as docs/neox-checkpoints.md describes it (read from
+DeeperSpeed's engine.py, pipe/module.py, zero/stage1.py and gpt-neox's checkpointing.py) and independently of
+l2e_dist's reader: its own TP split, its own ZeRO-1 partitioning
 (best_max_elems_per_comm, C rank-interleaved intervals, padding cut), fp16 layer files, a pickled loss scaler of a
 class the importer does not have, and `"{i}."` names. DeepSpeed 0.19.8 cannot write this layout.
 

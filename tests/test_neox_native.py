@@ -246,12 +246,14 @@ def _vocab(data_cache) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("source_tp", "source_dp", "ranks", "layout"), [
-    (2, 2, 1, {"parallel.tensor_parallel": 1, "deepspeed.zero_stage": 1}),
-    (1, 2, 2, {"parallel.tensor_parallel": 1, "deepspeed.zero_stage": 2}),
-    (4, 1, 2, {"parallel.tensor_parallel": 2, "deepspeed.zero_stage": 1}),
+@pytest.mark.parametrize(("source_tp", "source_dp", "ranks", "layout", "convert_first"), [
+    (2, 2, 1, {"parallel.tensor_parallel": 1, "deepspeed.zero_stage": 1}, False),
+    (1, 2, 2, {"parallel.tensor_parallel": 1, "deepspeed.zero_stage": 2}, False),
+    (4, 1, 2, {"parallel.tensor_parallel": 2, "deepspeed.zero_stage": 1}, False),
+    (2, 2, 1, {"parallel.tensor_parallel": 1, "deepspeed.zero_stage": 1}, True),  # from l2e-convert from-neox
 ])  # fmt: skip
-def test_branch_continues_adamw_from_the_native_state(tmp_path, data_cache, source_tp, source_dp, ranks, layout):
+def test_branch_continues_adamw_from_the_native_state(tmp_path, data_cache, source_tp, source_dp, ranks, layout,
+                                                      convert_first):
     from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
     from tests.conftest import pretrain_result
 
@@ -261,6 +263,10 @@ def test_branch_continues_adamw_from_the_native_state(tmp_path, data_cache, sour
     (masters, exp_avg, exp_avg_sq), geometry = _write(source, source_tp, source_dp, 6000,
                                                       padded_vocab=_pad(vocab, 128 * source_tp))
     assert max(max(c) for c in geometry["intervals"]) > 1  # several communication intervals
+    if convert_first:
+        from l2e_dist.checkpoint.neox_convert import import_neox
+
+        source = import_neox(source, tmp_path / "converted", tp=2)
     overrides = _run_overrides(tmp_path, data_cache, source, vocab, layout)
     result = run_distributed(pretrain_result, ranks, overrides)[0]
     assert result.final_step == ITERATION + 2

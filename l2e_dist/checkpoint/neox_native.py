@@ -13,8 +13,8 @@ The format (docs/neox-checkpoints.md has the whole table):
 `loss_scaler_state`, ...), so `reshard.load_resharded` puts it onto any TP / DP / ZeRO stage of ours.
 
 Memory: tensors are memory-mapped (torch.load mmap=True). A ZeRO file is opened only while one parameter is read
-from it and released before the next parameter (a layer file: while its pipeline layer is read), so the mapped
-pages a rank touches never exceed one parameter's three fp32 states (one layer's weights); the rank's extra memory is about one full-width parameter per state kind (merged over the
+for one tensor (a parameter's master, or one of its moments) and released before the next (a layer file: while its
+pipeline layer is read), so the file pages a rank has mapped never exceed one parameter's state (one layer's weights); the rank's extra memory is about one full-width parameter per state kind (merged over the
 source's TP shards, then cut to the target's slice).
 
 Pickles: the files hold a DeeperSpeed DynamicLossScaler, numpy RNG state and plain containers. `neox_load` unpickles
@@ -179,7 +179,7 @@ class NeoxNativeCheckpoint(DeepSpeedCheckpoint):
                                         "mp_rank_00_model_states.pt and layer_00-model_00-model_states.pt)")
         self._files: dict[str, Any] = {}
         self._open_zero: dict[tuple[int, int], dict] = {}
-        self._open_for: str | None = None
+        self._open_for: tuple[str, str] | None = None
         self._open_layer: int | None = None
         head = neox_load(self.directory / "mp_rank_00_model_states.pt")
         self._head = {k: v for k, v in head.items() if k not in ("module", "optimizer")}
@@ -363,9 +363,9 @@ class NeoxNativeCheckpoint(DeepSpeedCheckpoint):
 
     # ---------------------------------------------------------------- tensors
     def full(self, name: str, kind: str = "fp32") -> torch.Tensor:
-        if name != self._open_for:  # release the previous parameter's mapped ZeRO files
-            self._open_zero.clear()
-            self._open_for = name
+        if (name, kind) != self._open_for:  # release the mapped ZeRO files (and their touched pages) of the last
+            self._open_zero.clear()  # tensor: a rank's mapped pages stay within one tensor's
+            self._open_for = (name, kind)
         return super().full(name, kind)
 
     def local(self, name: str, kind: str, tp: int) -> torch.Tensor:
