@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}), flush=True)
         peak_extra = max(0.0, figures["optimizer_peak_gib"] - figures["after_rss_gib"])
         print(f"last rank: optimizer import peak {figures['optimizer_peak_gib']:.2f} GiB = resident after "
-              f"{figures['after_rss_gib']:.2f} GiB + {peak_extra:.2f} GiB transient "
-              f"(one full-width parameter per state kind: {PYTHIA_1B['vocab'] * PYTHIA_1B['hidden'] * 4 / GIB:.2f} GiB "
-              "for the embedding)")
+              f"{figures['after_rss_gib']:.2f} GiB + {peak_extra:.2f} GiB transient (the largest tensor full-width, "
+              f"its mapped source pages and this rank's slice: {PYTHIA_1B['vocab'] * PYTHIA_1B['hidden'] * 4 / GIB:.2f}"
+              " GiB each for the fp32 embedding)")
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
