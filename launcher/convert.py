@@ -3,11 +3,14 @@
     l2e-convert to-hf runs/tiny hf/tiny                # any checkpoint (any ZeRO stage, any TP) -> HF directory
     l2e-convert to-hf runs/pythia-70m hf/pythia-70m --all   # every snapshot -> hf/pythia-70m/step0, step1, ...
     l2e-convert from-hf pythia-70m ckpt/pythia-70m-tp2 --tp 2   # HF GPTNeoX/Pythia -> our checkpoint at TP=2
+    l2e-convert from-neox neox-ckpt-pythia-70m/global_step13000 ckpt/p70m-13000 --tp 1   # + optimizer state
 
 CHECKPOINT may be a run's output_dir, its checkpoints/ directory (uses `latest`) or one checkpoint directory.
 With --all, CHECKPOINT is a run's output_dir and OUT receives one HF directory per snapshot (train.save_schedule,
 train.extra_save_steps), named by step like Pythia's revisions; steps already exported are skipped.
 Continue pretraining from an imported model with `--set train.init_from=ckpt/pythia-70m-tp2` (weights only).
+A gpt-neox `global_stepN` directory (or its from-neox output) in train.init_from also continues its optimizer
+(docs/neox-checkpoints.md).
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from_hf.add_argument("hf_dir", help="directory with config.json and model.safetensors (or pytorch_model.bin)")
     from_hf.add_argument("out", help="output checkpoint directory (must not exist or be empty)")
     from_hf.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the written shards")
+    from_neox = sub.add_parser("from-neox", help="gpt-neox global_stepN directory -> our checkpoint with optimizer state")
+    from_neox.add_argument("neox_dir", help="a gpt-neox/DeeperSpeed global_stepN directory (layer_*, mp_rank_*, zero_pp_*)")
+    from_neox.add_argument("out", help="output checkpoint directory (must not exist or be empty)")
+    from_neox.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the written shards")
     for command_parser in sub.choices.values():
         add_debug_flag(command_parser)
     return parser.parse_args(argv)
@@ -48,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "to-hf":
         out = export_hf(args.checkpoint, args.out, max_shard_bytes=int(args.max_shard_gib * 2**30))
+    elif args.command == "from-neox":
+        from l2e_dist.checkpoint.neox_convert import import_neox
+
+        out = import_neox(args.neox_dir, args.out, tp=args.tp)
     else:
         if args.tp < 1:
             raise CheckpointError(f"--tp must be >= 1, got {args.tp}")

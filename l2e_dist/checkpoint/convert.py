@@ -48,6 +48,7 @@ from l2e_dist.checkpoint.manifest import (
     verify_checkpoint,
     write_manifest,
 )
+from l2e_dist.checkpoint.neox_native import is_neox_native, load_neox_weights
 from l2e_dist.config_utils import build
 from l2e_dist.model.config import ModelConfig
 from l2e_dist.model.tp_layout import partition_dim, split_tensor
@@ -428,7 +429,11 @@ def _check_hf_import_source(path: Path) -> None:
 
 def load_init_weights(model: torch.nn.Module, path: str | Path, tp_rank: int, tp_size: int) -> None:
     """`train.init_from`: copy the weights of a checkpoint or HF directory into this TP rank's (not yet
-    DeepSpeed-wrapped) model; the optimizer starts fresh. The architectures must match."""
+    DeepSpeed-wrapped) model; the optimizer starts fresh. The architectures must match. A gpt-neox directory:
+    its layer files' weights (training.neox_branch then continues its optimizer)."""
+    if is_neox_native(path):
+        load_neox_weights(model, path, tp_rank, tp_size)
+        return
     source = WeightSource(path)
     ours = model.cfg
     mismatch = architecture_mismatch(source.model_config, ours, source.pythia_gelu_label)

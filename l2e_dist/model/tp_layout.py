@@ -47,4 +47,6 @@ def split_tensor(name: str, full: torch.Tensor, tp_size: int, tp_rank: int) -> t
         raise ValueError(
             f"{name}: dim {dim} of size {full.shape[dim]} does not split into {tp_size} TP shards"
         )
-    return full.chunk(tp_size, dim=dim)[tp_rank].contiguous()
+    # A compact copy: a dim-0 chunk is already contiguous, so .contiguous() would return a view that keeps the
+    # whole full tensor alive (moments held per rank, torch.save of a shard writing the full storage).
+    return full.chunk(tp_size, dim=dim)[tp_rank].clone(memory_format=torch.contiguous_format)

@@ -38,6 +38,7 @@ from l2e_dist.parallel.state import (
     tensor_and_data_parallel_group,
 )
 from l2e_dist.training.metrics import MetricsLogger
+from l2e_dist.training.neox_branch import continue_neox_optimizer, neox_branch
 from l2e_dist.training.numerics import NonFiniteGuard, disable_deepspeed_min_scale_error, optimizer_loss_scale
 from l2e_dist.training.optim import initialize_engine
 from l2e_dist.training.preemption import PreemptionHandler, start_watchdog
@@ -197,6 +198,7 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
     check_run_data(cfg, datasets)  # file-order data ends; an init_from checkpoint's vocabulary
 
     seed_everything(cfg.train.seed)  # identical init on every rank and every TP size
+    neox = neox_branch(cfg)  # a gpt-neox checkpoint in train.init_from: size and branch_step checked first
     model = build_model(cfg, layout, device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.compile:
@@ -211,6 +213,9 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
     if cfg.train.resume:
         with _slow_phase(watchdog, cfg, 0, "resume"):
             resumed_step = resume(engine, cfg, ckpt_dir, inhibitor)
+    if neox is not None and not resumed_step:  # continue the gpt-neox optimizer (a resume supersedes it)
+        with _slow_phase(watchdog, cfg, 0, "resume"):
+            continue_neox_optimizer(engine, cfg, neox)
     disable_deepspeed_min_scale_error(engine)  # after resume: loading a checkpoint replaces the loss scaler
     start_step = resumed_step or first_step(cfg)  # a fresh branched run starts at train.branch_step
     snapshot_steps = set(cfg.train.snapshot_steps())
