@@ -187,8 +187,10 @@ class RunLock:
         """Renew the heartbeat; a lock found taken by another run ends this process (no second writer)."""
         holder, raw = read_lock(self.path)
         self.record = {**self.record, "heartbeat": time.time()}
-        if raw is None and _create_exclusive(self.path, self.record):
-            return  # the file was deleted (by hand?) and nobody took it: ours again
+        if raw is None:
+            if _create_exclusive(self.path, self.record):
+                return  # the file was deleted (by hand?) and nobody took it: ours again
+            holder, raw = read_lock(self.path)
         if holder is None or holder["token"] != self.token:
             who = describe_holder(holder, time.time()) if holder else "an unreadable or foreign file"
             os.write(2, (f"rank 0: the run lock {self.path} is now held by {who}: this run stopped refreshing it "
