@@ -34,7 +34,6 @@ import os
 import random
 import shutil
 import socket
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ from l2e_dist.checkpoint.manifest import (
 )
 from l2e_dist.checkpoint.reshard import load_resharded
 from l2e_dist.config_utils import build
+from l2e_dist.console import log_event
 from l2e_dist.errors import environment_error_message
 from l2e_dist.fileio import atomic_write_text, fsync_path
 from l2e_dist.model.config import ModelConfig
@@ -270,8 +270,8 @@ def check_resumable(saved: dict, cfg) -> None:
                 f"{getattr(cfg.train, key)}: the data position depends on it; keep it or use a new train.output_dir"
             )
     if "seed" in saved_train and saved_train["seed"] != cfg.train.seed:
-        warnings.warn(f"train.seed changed from {saved_train['seed']} to {cfg.train.seed}: the data order after "
-                      "resume differs from the original run's", stacklevel=3)
+        log_event(f"train.seed changed from {saved_train['seed']} to {cfg.train.seed}: the data order after "
+                  "resume differs from the original run's")
 
 
 def resume(engine, cfg, ckpt_dir: Path, inhibitor=None) -> int:
@@ -303,9 +303,8 @@ def resume(engine, cfg, ckpt_dir: Path, inhibitor=None) -> int:
         except ValueError as exc:
             raise CheckpointError(f"{ckpt}: {exc}") from None
     step = int(client_state["step"])
-    if rank == 0:
-        how = "same layout" if before == now else f"resharded from {_describe(before)} to {_describe(now)}"
-        print(f"l2e-dist: resumed from {ckpt} (step {step}, {how})", flush=True)
+    how = "same layout" if before == now else f"resharded from {_describe(before)} to {_describe(now)}"
+    log_event(f"resumed from {ckpt} (step {step}, {how})")
     return step
 
 
