@@ -89,7 +89,8 @@ def train_line(step: int, total_steps: int, metrics: dict[str, Any], *, total_to
 def valid_line(step: int, total_steps: int, metrics: dict[str, Any], *, timestamp: str | None = None) -> str:
     """The console line of a validation pass: `<time> valid step 100/200 | loss 5.9 | l2e L1[above_ref ...]`."""
     plain = {k.removeprefix("valid/"): v for k, v in metrics.items()}
-    fields = [f"step {step}/{total_steps}"] + _other_fields(plain)
+    loss = [f"loss {plain.pop('loss'):.4f}"] if isinstance(plain.get("loss"), float) else []
+    fields = [f"step {step}/{total_steps}", *loss, *_other_fields(plain)]
     return f"{timestamp or utc_timestamp()} valid {SEPARATOR.join(fields)}"
 
 
