@@ -81,7 +81,7 @@ class Ranks:
     def wait_for_step(self, step: int, timeout_s: float = 240) -> None:
         """Until rank 0 has logged `step` (fails if a rank exits first)."""
         end = time.monotonic() + timeout_s
-        while not re.search(rf"^step {step}: loss", self.text(0), flags=re.M):
+        while not re.search(rf" train step {step}/\d+ \| ", self.text(0), flags=re.M):
             exited = [p.returncode for p in self.procs if p.poll() is not None]
             assert not exited and time.monotonic() < end, f"no step {step} (exits {exited}):\n{self.text(0)}"
             time.sleep(0.1)

@@ -166,7 +166,7 @@ class Job:
 
     def _act(self, step: int, action) -> None:
         try:
-            wait_for_line(self.log, rf"^step {step}: loss")
+            wait_for_line(self.log, rf" train step {step}/\d+ \| ")
             action(self)
             self.acted_at = time.time()
         except BaseException as error:  # re-raised in the test by wait_acted()
