@@ -124,7 +124,7 @@ def test_usr1_to_one_rank_checkpoints_exits_75_and_rerun_matches_uninterrupted(
     codes = first.wait()
     assert codes == [75] * WORLD_SIZE, (codes, first.text(0), first.text(1))
     stopped = int(
-        re.search(r"^stopped at step (\d+) on a peer signal; requeued=False$", first.text(0), re.M)[1]
+        re.search(r" l2e-dist: stopped at step (\d+) on a peer signal; requeued=False$", first.text(0), re.M)[1]
     )
     assert "rank 1: received SIGUSR1" in first.text(1)
     assert 4 <= stopped < STEPS, first.text(0)

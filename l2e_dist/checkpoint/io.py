@@ -14,7 +14,7 @@ step), the resolved run config, the L2E state (full width, identical on all rank
 names (stage 0 stores them by index only); plus every rank's RNG states.
 
 Resume (`resume`): the newest checkpoint that verifies (every manifest file present with its size and sha256,
-every .pt file loadable with torch.load(weights_only=True)), falling back to older ones with a warning. Each
+every .pt file loadable with torch.load(weights_only=True)), falling back to older ones (a logged event). Each
 rank deep-verifies, in parallel, the files it will read (rank_files); each writer fsyncs and hashes the files it
 wrote at save time, so no rank reads the whole checkpoint and the fsyncs reach every node's disk. A save that
 cannot fit on a disk is refused on every rank before anything is written. Same

@@ -1,6 +1,6 @@
 """What makes a checkpoint directory trustworthy, and which one to resume from: the manifest (every file's size and
 sha256), verification (sizes, hashes, a weights_only load of every .pt file), and the choice among
-`global_step<N>/` directories (`latest` first, then newest first, skipping damaged ones with a warning).
+`global_step<N>/` directories (`latest` first, then newest first, skipping damaged ones, each logged).
 
 The lowest layer of the checkpoint package: save/resume (io), resharding, snapshots and HF conversion build on it.
 """
@@ -143,7 +143,7 @@ def _no_intact_checkpoint(ckpt_dir: Path) -> CheckpointError:
     )
 
 
-def _fallback_warning(preferred: Path | None, chosen: Path) -> None:
+def _log_fallback(preferred: Path | None, chosen: Path) -> None:
     if preferred is not None and chosen != preferred:
         log_event(f"checkpoint {preferred.name} is unusable; falling back to {chosen.name}")
 
@@ -156,7 +156,7 @@ def find_resume_checkpoint(ckpt_dir: Path, deep: bool = False) -> Path | None:
     for path in order:
         problem = verify_checkpoint(path, deep) if path.is_dir() else f"{path} does not exist"
         if problem is None:
-            _fallback_warning(preferred, path)
+            _log_fallback(preferred, path)
             return path
         log_event(f"skipping checkpoint {path.name}: {problem}")
     if order or (ckpt_dir / "latest").exists():
@@ -193,7 +193,7 @@ def select_resume_checkpoint(ckpt_dir: Path) -> Path | None:
             problem = next((p for p in problems if p is not None), None)
         if problem is None:
             if rank == 0:
-                _fallback_warning(Path(preferred) if preferred else None, path)
+                _log_fallback(Path(preferred) if preferred else None, path)
             return path
         if rank == 0:
             log_event(f"skipping checkpoint {path.name}: {problem}")
