@@ -42,7 +42,9 @@ def _si(text: str) -> float:
 
 
 def test_figures_read_as_a_person_writes_them():
-    assert [human_count(v) for v in (999, 1234, 1.5e6, 3e11, 2.5e12)] == ["999", "1.23K", "1.5M", "300B", "2.5T"]
+    assert [human_count(v) for v in (0, 999, 1234, 1.5e6, 3e11, 2.5e12)] == ["0", "999", "1.23K", "1.5M", "300B",
+                                                                          "2.5T"]
+    assert [human_count(v) for v in (999.6, 999_400, 999_600)] == ["1K", "999K", "1M"]  # never 1e+03
     assert duration(0) == "0:00:00" and duration(3725) == "1:02:05" and duration(2 * 86400 + 61) == "2d 00:01:01"
     assert duration(float("inf")) == "?"
 

@@ -36,7 +36,7 @@ def use_progress_bar(allowed: bool, stream: TextIO) -> bool:
 def human_count(value: float) -> str:
     """1234 -> 1.23K, 3e11 -> 300B: three significant digits and an SI-style suffix (tokens, tokens/s)."""
     for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= scale:
+        if abs(value) >= 0.9995 * scale:  # what rounds to 1000 of the unit below is 1 of this one
             return f"{value / scale:.3g}{suffix}"
     return f"{value:.3g}"
 
