@@ -211,6 +211,7 @@ def test_a_two_rank_deepspeed_job_log(tmp_path, data_cache):
         "train.eval_iters": 1, "train.save_interval": 10, "train.extra_save_steps": "[0,10]",
         "logging.tensorboard": True, "logging.progress_bar": True,  # allowed, but stdout is no terminal
         "l2e.method": "l2e", "l2e.layers": "[0,1]", "optimizer.grad_clip": 1.0,
+        "parallel.device": "cpu",  # 2 ranks on any machine (the GPU line differs: gpu_mem, MFU)
     })
     command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "launcher.pretrain",
                "--config", "configs/tiny.yaml", *[a for item in overrides for a in ("--set", item)]]
