@@ -28,9 +28,18 @@ _RANK_VARS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_
 
 
 def quiet_known_warnings() -> None:
-    """megatron-core warns on every import that TE/Apex are absent (expected on CPU) and about a config default."""
+    """Library noise a user can do nothing about, each filtered by its exact message (and module where it is
+    known), so that every other warning still shows: megatron-core warns on every import that TE/Apex are absent
+    (expected on CPU) and about a config default; DeepSpeed's ZeRO gathers call torch's deprecated
+    `all_gather_into_tensor` (torch's deprecation wrapper in c10d_logger issues it, once per rank)."""
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+        category=FutureWarning,
+        module=r"torch\.distributed\.c10d_logger",
+    )
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

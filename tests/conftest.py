@@ -108,6 +108,7 @@ def pytest_runtest_makereport(item, call):
 # metrics.jsonl keys that measure time or memory: they differ between otherwise identical runs.
 TIMING_KEYS = {
     "train/tokens_per_s",
+    "train/tflops_per_device",
     "train/step_time_s",
     "train/max_rss_gib",
     "train/max_mem_gib",

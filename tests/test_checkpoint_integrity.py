@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -47,23 +48,29 @@ def _digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def assert_logged(capsys, text: str) -> None:
+    """Checkpoint fallbacks are operational log lines on stdout (`<UTC time> l2e-dist: ...`), not warnings."""
+    out = capsys.readouterr().out
+    assert re.search(rf"^\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ l2e-dist: .*{re.escape(text)}", out, re.M), out
+
+
 def test_intact_checkpoint_verifies_deeply(ckpt_dir):
     assert verify_checkpoint(ckpt_dir / "global_step8", deep=True) is None
     assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step8"
 
 
-def test_truncated_shard_falls_back_to_the_previous_checkpoint(ckpt_dir):
+def test_truncated_shard_falls_back_to_the_previous_checkpoint(ckpt_dir, capsys):
     before = _digest(ckpt_dir / "global_step7")
     shard = ckpt_dir / "global_step8" / SHARD
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size - 100)
     assert "truncated" in verify_checkpoint(ckpt_dir / "global_step8")
-    with pytest.warns(UserWarning, match="falling back to global_step7"):
-        assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step7"
+    assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step7"
+    assert_logged(capsys, "falling back to global_step7")
     assert _digest(ckpt_dir / "global_step7") == before
 
 
-def test_flipped_byte_in_tensor_data_fails_the_checksum_and_falls_back(ckpt_dir):
+def test_flipped_byte_in_tensor_data_fails_the_checksum_and_falls_back(ckpt_dir, capsys):
     # Same size, pickle structure intact, one tensor byte changed: only the sha256 can tell.
     shard = ckpt_dir / "global_step8" / SHARD
     data = bytearray(shard.read_bytes())
@@ -72,34 +79,35 @@ def test_flipped_byte_in_tensor_data_fails_the_checksum_and_falls_back(ckpt_dir)
     assert verify_checkpoint(ckpt_dir / "global_step8") is None  # the cheap check (sizes) cannot see it
     assert safe_load(shard) is not None  # nor can loading it
     assert "does not match its sha256" in verify_checkpoint(ckpt_dir / "global_step8", deep=True)
-    with pytest.warns(UserWarning, match="falling back to global_step7"):
-        assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step7"
+    assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step7"
+    assert_logged(capsys, "falling back to global_step7")
 
 
-def test_missing_shard_is_detected_with_and_without_manifest(ckpt_dir):
+def test_missing_shard_is_detected_with_and_without_manifest(ckpt_dir, capsys):
     (ckpt_dir / "global_step8" / SHARD).unlink()
     assert "is missing" in verify_checkpoint(ckpt_dir / "global_step8")
     (ckpt_dir / "global_step8" / "manifest.json").unlink()
     with pytest.raises(CheckpointFormatError, match="missing optimizer shard tp=0 dp=1"):
         DeepSpeedCheckpoint(ckpt_dir / "global_step8")
-    with pytest.warns(UserWarning, match="falling back to global_step7"):
-        assert find_resume_checkpoint(ckpt_dir) == ckpt_dir / "global_step7"
+    assert find_resume_checkpoint(ckpt_dir) == ckpt_dir / "global_step7"
+    assert_logged(capsys, "falling back to global_step7")
 
 
-def test_corrupt_latest_pointer_uses_the_newest_intact_checkpoint(ckpt_dir):
+def test_corrupt_latest_pointer_uses_the_newest_intact_checkpoint(ckpt_dir, capsys):
     (ckpt_dir / "latest").write_bytes(b"\xff\x00not a tag")
-    with pytest.warns(UserWarning, match="latest is corrupt"):
-        assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step8"
+    assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step8"
+    assert_logged(capsys, "latest is corrupt")
     (ckpt_dir / "latest").write_text("global_step99")  # names a checkpoint that does not exist
-    with pytest.warns(UserWarning, match="falling back to global_step8"):
-        assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step8"
+    assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step8"
+    assert_logged(capsys, "falling back to global_step8")
 
 
-def test_nothing_intact_is_one_clear_error(ckpt_dir):
+def test_nothing_intact_is_one_clear_error(ckpt_dir, capsys):
     for tag in ("global_step7", "global_step8"):
         (ckpt_dir / tag / "manifest.json").write_text("{not json")
-    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no intact checkpoint .*train.resume=false"):
+    with pytest.raises(CheckpointError, match="no intact checkpoint .*train.resume=false"):
         find_resume_checkpoint(ckpt_dir)
+    assert_logged(capsys, "skipping checkpoint global_step8")
     assert find_resume_checkpoint(ckpt_dir / "empty") is None  # nothing to resume: a fresh start
 
 
@@ -113,7 +121,7 @@ class _RunsCode:
         return (open, (self.marker, "w"))
 
 
-def test_a_file_that_runs_code_when_unpickled_is_refused_unrun(ckpt_dir, tmp_path):
+def test_a_file_that_runs_code_when_unpickled_is_refused_unrun(ckpt_dir, tmp_path, capsys):
     marker = tmp_path / "code-ran"
     payload = _RunsCode(marker)
     step8 = ckpt_dir / "global_step8"
@@ -124,8 +132,8 @@ def test_a_file_that_runs_code_when_unpickled_is_refused_unrun(ckpt_dir, tmp_pat
     assert "cannot be loaded safely" in problem and "'io.open'" in problem
     with pytest.raises(CheckpointFormatError):
         safe_load(step8 / "rank_state_0.pt")
-    with pytest.warns(UserWarning, match="falling back to global_step7"):
-        assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step7"
+    assert find_resume_checkpoint(ckpt_dir, deep=True) == ckpt_dir / "global_step7"
+    assert_logged(capsys, "falling back to global_step7")
     assert not marker.exists()
 
 

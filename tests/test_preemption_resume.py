@@ -81,7 +81,7 @@ class Ranks:
     def wait_for_step(self, step: int, timeout_s: float = 240) -> None:
         """Until rank 0 has logged `step` (fails if a rank exits first)."""
         end = time.monotonic() + timeout_s
-        while not re.search(rf"^step {step}: loss", self.text(0), flags=re.M):
+        while not re.search(rf" train step {step}/\d+ \| ", self.text(0), flags=re.M):
             exited = [p.returncode for p in self.procs if p.poll() is not None]
             assert not exited and time.monotonic() < end, f"no step {step} (exits {exited}):\n{self.text(0)}"
             time.sleep(0.1)
@@ -124,7 +124,7 @@ def test_usr1_to_one_rank_checkpoints_exits_75_and_rerun_matches_uninterrupted(
     codes = first.wait()
     assert codes == [75] * WORLD_SIZE, (codes, first.text(0), first.text(1))
     stopped = int(
-        re.search(r"^stopped at step (\d+) on a peer signal; requeued=False$", first.text(0), re.M)[1]
+        re.search(r" l2e-dist: stopped at step (\d+) on a peer signal; requeued=False$", first.text(0), re.M)[1]
     )
     assert "rank 1: received SIGUSR1" in first.text(1)
     assert 4 <= stopped < STEPS, first.text(0)

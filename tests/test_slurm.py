@@ -166,7 +166,7 @@ class Job:
 
     def _act(self, step: int, action) -> None:
         try:
-            wait_for_line(self.log, rf"^step {step}: loss")
+            wait_for_line(self.log, rf" train step {step}/\d+ \| ")
             action(self)
             self.acted_at = time.time()
         except BaseException as error:  # re-raised in the test by wait_acted()
@@ -262,7 +262,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_losses(jobs: dict) ->
     fields = wait_job(job.id)
     text = job.text()
     assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), text
-    stopped = int(re.search(r"^stopped at step (\d+) on SIGUSR1; requeued=True$", text, re.M)[1])
+    stopped = int(re.search(r" l2e-dist: stopped at step (\d+) on SIGUSR1; requeued=True$", text, re.M)[1])
     assert 2 <= stopped < STEPS, text
     assert "rank 0: requeued Slurm job" in text
     assert "exit code 75" not in text  # every rank knows the job was requeued: none reports a stopped run
@@ -298,7 +298,7 @@ def test_deepspeed_launcher_script_stops_on_usr1_and_a_resubmit_resumes(jobs: di
     # first launcher to leave exits 75; srun then terminates the other (the job's code is that launcher's).
     assert (fields["JobState"], fields["Restarts"]) == ("FAILED", "0") and fields["ExitCode"] != "0:0", text
     assert re.search(r"^srun: error: n[12]: task [01]: Exited with exit code 75$", text, re.M), text
-    stopped = int(re.search(r"^stopped at step (\d+) on SIGUSR1; requeued=False$", text, re.M)[1])
+    stopped = int(re.search(r" l2e-dist: stopped at step (\d+) on SIGUSR1; requeued=False$", text, re.M)[1])
     assert "is not requeueable (submit with --requeue)" in text
     assert "User defined signal" not in text  # the launchers survived the signal
     assert "l2e: hostfile: n1 slots=1" in text and "l2e: hostfile: n2 slots=1" in text

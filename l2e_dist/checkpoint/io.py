@@ -14,7 +14,7 @@ step), the resolved run config, the L2E state (full width, identical on all rank
 names (stage 0 stores them by index only); plus every rank's RNG states.
 
 Resume (`resume`): the newest checkpoint that verifies (every manifest file present with its size and sha256,
-every .pt file loadable with torch.load(weights_only=True)), falling back to older ones with a warning. Each
+every .pt file loadable with torch.load(weights_only=True)), falling back to older ones (a logged event). Each
 rank deep-verifies, in parallel, the files it will read (rank_files); each writer fsyncs and hashes the files it
 wrote at save time, so no rank reads the whole checkpoint and the fsyncs reach every node's disk. A save that
 cannot fit on a disk is refused on every rank before anything is written. Same
@@ -34,7 +34,6 @@ import os
 import random
 import shutil
 import socket
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ from l2e_dist.checkpoint.manifest import (
 )
 from l2e_dist.checkpoint.reshard import load_resharded
 from l2e_dist.config_utils import build
+from l2e_dist.console import log_event
 from l2e_dist.data.data_seed import check_resume_data_seed
 from l2e_dist.errors import environment_error_message
 from l2e_dist.fileio import atomic_write_text, fsync_path
@@ -273,8 +273,8 @@ def check_resumable(saved: dict, cfg) -> None:
                 f"{getattr(cfg.train, key)}: the data position depends on it; keep it or use a new train.output_dir"
             )
     if "seed" in saved_train and saved_train["seed"] != cfg.train.seed:
-        warnings.warn(f"train.seed changed from {saved_train['seed']} to {cfg.train.seed}: the data order after "
-                      "resume differs from the original run's", stacklevel=3)
+        log_event(f"train.seed changed from {saved_train['seed']} to {cfg.train.seed}: the data order after "
+                  "resume differs from the original run's")
 
 
 def resume(engine, cfg, ckpt_dir: Path, inhibitor=None) -> int:
@@ -307,9 +307,8 @@ def resume(engine, cfg, ckpt_dir: Path, inhibitor=None) -> int:
         except ValueError as exc:
             raise CheckpointError(f"{ckpt}: {exc}") from None
     step = int(client_state["step"])
-    if rank == 0:
-        how = "same layout" if before == now else f"resharded from {_describe(before)} to {_describe(now)}"
-        print(f"l2e-dist: resumed from {ckpt} (step {step}, {how})", flush=True)
+    how = "same layout" if before == now else f"resharded from {_describe(before)} to {_describe(now)}"
+    log_event(f"resumed from {ckpt} (step {step}, {how})")
     return step
 
 

@@ -1,6 +1,6 @@
 """What makes a checkpoint directory trustworthy, and which one to resume from: the manifest (every file's size and
 sha256), verification (sizes, hashes, a weights_only load of every .pt file), and the choice among
-`global_step<N>/` directories (`latest` first, then newest first, skipping damaged ones with a warning).
+`global_step<N>/` directories (`latest` first, then newest first, skipping damaged ones, each logged).
 
 The lowest layer of the checkpoint package: save/resume (io), resharding, snapshots and HF conversion build on it.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch.distributed as dist
 
 from l2e_dist.checkpoint.ds_files import CheckpointFormatError, safe_load
 from l2e_dist.checkpoint.rank_files import RankPosition, files_of_rank, relative_files
+from l2e_dist.console import log_event
 from l2e_dist.errors import UserError
 from l2e_dist.fileio import atomic_write_text, fsync_path
 
@@ -129,10 +129,7 @@ def _resume_candidates(ckpt_dir: Path) -> tuple[list[Path], Path | None]:
         name = latest_file.read_text(errors="replace").strip()
         preferred = ckpt_dir / name if TAG.match(name) else None
         if preferred is None:
-            warnings.warn(
-                f"{latest_file} is corrupt ({name[:40]!r}); looking for the newest intact checkpoint",
-                stacklevel=3,
-            )
+            log_event(f"{latest_file} is corrupt ({name[:40]!r}); looking for the newest intact checkpoint")
     order = ([preferred] if preferred is not None else []) + [
         p for _, p in reversed(list_checkpoints(ckpt_dir)) if p != preferred
     ]
@@ -141,27 +138,27 @@ def _resume_candidates(ckpt_dir: Path) -> tuple[list[Path], Path | None]:
 
 def _no_intact_checkpoint(ckpt_dir: Path) -> CheckpointError:
     return CheckpointError(
-        f"no intact checkpoint in {ckpt_dir}: every candidate failed verification (see warnings above); "
+        f"no intact checkpoint in {ckpt_dir}: every candidate failed verification (see the skipped checkpoints above); "
         "delete the directory or set train.resume=false to start over"
     )
 
 
-def _fallback_warning(preferred: Path | None, chosen: Path) -> None:
+def _log_fallback(preferred: Path | None, chosen: Path) -> None:
     if preferred is not None and chosen != preferred:
-        warnings.warn(f"checkpoint {preferred.name} is unusable; falling back to {chosen.name}", stacklevel=3)
+        log_event(f"checkpoint {preferred.name} is unusable; falling back to {chosen.name}")
 
 
 def find_resume_checkpoint(ckpt_dir: Path, deep: bool = False) -> Path | None:
     """The checkpoint to resume from (this process checks every file): the one `latest` names if it verifies,
-    else the newest one that does (with a warning). None when there is no checkpoint at all; raises if
+    else the newest one that does (logged). None when there is no checkpoint at all; raises if
     checkpoints exist but none is intact. Distributed runs use `select_resume_checkpoint`."""
     order, preferred = _resume_candidates(ckpt_dir)
     for path in order:
         problem = verify_checkpoint(path, deep) if path.is_dir() else f"{path} does not exist"
         if problem is None:
-            _fallback_warning(preferred, path)
+            _log_fallback(preferred, path)
             return path
-        warnings.warn(f"skipping checkpoint {path.name}: {problem}", stacklevel=2)
+        log_event(f"skipping checkpoint {path.name}: {problem}")
     if order or (ckpt_dir / "latest").exists():
         raise _no_intact_checkpoint(ckpt_dir)
     return None
@@ -196,10 +193,10 @@ def select_resume_checkpoint(ckpt_dir: Path) -> Path | None:
             problem = next((p for p in problems if p is not None), None)
         if problem is None:
             if rank == 0:
-                _fallback_warning(Path(preferred) if preferred else None, path)
+                _log_fallback(Path(preferred) if preferred else None, path)
             return path
         if rank == 0:
-            warnings.warn(f"skipping checkpoint {path.name}: {problem}", stacklevel=2)
+            log_event(f"skipping checkpoint {path.name}: {problem}")
     if any_found:
         error = _no_intact_checkpoint(ckpt_dir)
         error.agreed = True

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from l2e_dist.checkpoint.convert import export_hf, is_hf_directory
 from l2e_dist.checkpoint.manifest import CheckpointError, file_sha256, verify_checkpoint, write_manifest
+from l2e_dist.console import log_event
 from l2e_dist.fileio import fsync_path
 from l2e_dist.parallel.launcher_watch import exit_if_launcher_gone
 
@@ -104,8 +105,7 @@ def save_snapshot(engine, snapshot_dir: Path, step: int, client_state: dict, kee
     if rank == 0:
         intact = keep_existing and final.is_dir() and verify_checkpoint(final) is None
     if _broadcast(intact):
-        if rank == 0:
-            print(f"l2e-dist: snapshot {final} already exists (intact); kept", flush=True)
+        log_event(f"snapshot {final} already exists (intact); kept")
         return final
     writer = parallel_state.get_data_parallel_rank() == 0  # one writer per TP rank
     weights = full_fp32_weights(engine, keep=writer)

@@ -114,7 +114,7 @@ def init_process_groups(tensor_parallel: int, timeout_s: float = 600.0, device: 
         keep_host_memory()
     if default_device().type == "cuda":
         _set_cuda_environment(tensor_parallel)
-    elif torch.cuda.is_available():  # cpu on purpose on a GPU machine: DeepSpeed must not pick its CUDA accelerator
+    else:  # DeepSpeed must not pick CUDA (cpu on purpose on a GPU machine), nor warn on every rank that it found none
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not dist.is_initialized():
         from l2e_dist.parallel.launch_env import discover_distributed_env

@@ -82,7 +82,12 @@ class _Pause:
         self.clock._paused_s += time.perf_counter() - self._t0
 
 
+def tflops_per_device(tokens_per_s: float, flops_per_token: float, devices: int) -> float:
+    """Achieved model TFLOP/s per device (ModelConfig.flops_per_token accounting: no recomputation counted)."""
+    return tokens_per_s * flops_per_token / devices / 1e12
+
+
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, world_size: int) -> float | None:
     if peak is None:
         return None
-    return tokens_per_s * flops_per_token / (peak * 1e12 * world_size)
+    return tflops_per_device(tokens_per_s, flops_per_token, world_size) / peak

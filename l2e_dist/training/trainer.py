@@ -23,6 +23,7 @@ from l2e_dist.checkpoint.io import resume, save_checkpoint
 from l2e_dist.checkpoint.manifest import from_rank0
 from l2e_dist.checkpoint.snapshots import SNAPSHOT_DIR, save_snapshot
 from l2e_dist.config import RunConfig, config_to_dict, validate_world
+from l2e_dist.console import log_event
 from l2e_dist.data import build_datasets, prepare_default_corpus
 from l2e_dist.l2e.hooks import ScoreMeter
 from l2e_dist.l2e.hooks import attach as attach_l2e
@@ -43,10 +44,12 @@ from l2e_dist.training.numerics import NonFiniteGuard, disable_deepspeed_min_sca
 from l2e_dist.training.optim import initialize_engine
 from l2e_dist.training.preemption import PreemptionHandler, start_watchdog
 from l2e_dist.training.prefetch import prefetch_to_device
+from l2e_dist.training.progress import human_count
 from l2e_dist.training.resolved import ResolvedRun, resolve_run
 from l2e_dist.training.run_data import check_run_data, first_step, run_batches
 from l2e_dist.training.run_lock import hold_run_directory
-from l2e_dist.training.throughput import TrainingClock, device_peak_tflops, mfu
+from l2e_dist.training.summary import RunSummary, log_summary
+from l2e_dist.training.throughput import TrainingClock, device_peak_tflops, mfu, tflops_per_device
 
 SLOW_PHASE_FACTOR = 4  # resume, eval and checkpoint phases may take this many watchdog/collective timeouts
 
@@ -223,6 +226,9 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
         with _slow_phase(watchdog, cfg, 0, "snapshot"):
             _snapshot(engine, inhibitor, out_dir, 0, run, resumed=False)
     is_rank0 = layout.rank == 0
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+    if is_rank0:  # the header first, on its own lines (before any progress bar exists)
+        _print_header(cfg, run, layout, model, device, gas, start_step, tokens_per_step)
     logger = MetricsLogger(
         str(out_dir),
         enabled=is_rank0,
@@ -234,18 +240,9 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
         wandb_mode=cfg.logging.wandb_mode,
         progress_bar=cfg.logging.progress_bar,
         run_config=config_to_dict(cfg),
+        tokens_per_step=tokens_per_step,
     )
-    if is_rank0:
-        n_params = cfg.model.num_parameters(model.padded_vocab_size)
-        print(
-            f"l2e-dist: world={layout.world_size} tp={layout.tp_size} dp={layout.dp_size} "
-            f"zero={_zero_description(run)} precision={cfg.deepspeed.precision} params={n_params / 1e6:.2f}M "
-            f"gas={gas} l2e={cfg.l2e.method} device={device.type} resume_step={start_step}"
-            + (f" branch_step={cfg.train.branch_step}" if cfg.train.branch_step is not None else ""),
-            flush=True,
-        )
 
-    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
     flops_per_token = cfg.model.flops_per_token(cfg.train.seq_length, model.padded_vocab_size)
     peak = device_peak_tflops(device)
     dp_group = parallel_state.get_data_parallel_group()
@@ -256,6 +253,7 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
     )
     losses: list[float] = []
     valid_metrics: dict[str, float] | None = None
+    valid_step = None
     stop, requeued = False, False
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
     loss_sum = 0.0
@@ -285,7 +283,9 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
             metrics = {
                 "train/loss": mean_loss,
                 "train/lr": engine.get_lr()[0],
-                "train/tokens_per_s": tokens_per_s,
+                "train/tokens": step * tokens_per_step,  # seen since step 0 (a branched run's included)
+                "train/tokens_per_s": tokens_per_s,  # over this log interval's training time
+                "train/tflops_per_device": tflops_per_device(tokens_per_s, flops_per_token, layout.world_size),
                 "train/step_time_s": elapsed / steps_since_log,
             }
             grad_norm = engine.get_global_grad_norm()
@@ -302,7 +302,7 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
             if inhibitor is not None:
                 metrics.update(inhibitor.metrics())
             losses.append(mean_loss)
-            logger.log(step, metrics)
+            logger.log(step, metrics, window_steps=steps_since_log)
             loss_sum, steps_since_log = 0.0, 0
         logger.advance(1)
         if watchdog is not None:
@@ -314,6 +314,7 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
                     engine, model, inhibitor, datasets.valid, cfg, layout, device, logger, step
                 )
             logger.log(step, valid_metrics)
+            valid_step = step
         # A signal during the last step changes nothing: the run finishes (exit 0) instead of stopping (75).
         stop = preempt.should_stop(step=step) and step < cfg.train.train_iters
         if step in snapshot_steps:  # before this step's resume checkpoint: a resume never skips a snapshot
@@ -325,11 +326,7 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
                     _save(engine, inhibitor, ckpt_dir, step, run)
         if stop:
             requeued = preempt.requeue()
-            if is_rank0:
-                print(
-                    f"stopped at step {step} on {preempt.received or 'a peer signal'}; requeued={requeued}",
-                    flush=True,
-                )
+            log_event(f"stopped at step {step} on {preempt.received or 'a peer signal'}; requeued={requeued}")
             requeued = _rank0_requeued(requeued, device)
             break
 
@@ -339,10 +336,15 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
     if watchdog is not None:
         watchdog.stop()
     final_loss = losses[-1] if losses else float("nan")
+    logger.close()  # the bar ends before the summary
     if is_rank0 and not stop:
         print(f"final step {step}", flush=True)
         print(f"final loss {final_loss:.6f}", flush=True)
-    logger.close()
+        log_summary(RunSummary(
+            output_dir=out_dir, start_step=start_step, final_step=step, tokens_per_step=tokens_per_step,
+            train_loss=final_loss if losses else None, valid_loss=(valid_metrics or {}).get("valid/loss"),
+            valid_step=valid_step, tensorboard=cfg.logging.tensorboard,
+        ))
     return TrainResult(
         final_step=step,
         final_loss=final_loss,
@@ -372,6 +374,22 @@ def end_l2e_step(engine, inhibitor: L2EInhibitor | None, step: int | None = None
     fp16 overflow-skipped step (DeepSpeed did not apply it) merges nothing, like the optimizer."""
     if inhibitor is not None:
         inhibitor.end_step(applied=engine.was_step_applied(), step=step)
+
+
+def _print_header(cfg: RunConfig, run: ResolvedRun, layout: ParallelLayout, model: GPTNeoX, device, gas: int,
+                  start_step: int, tokens_per_step: int) -> None:
+    n_params = cfg.model.num_parameters(model.padded_vocab_size)
+    log_event(
+        f"world={layout.world_size} tp={layout.tp_size} dp={layout.dp_size} "
+        f"zero={_zero_description(run)} precision={cfg.deepspeed.precision} params={n_params / 1e6:.2f}M "
+        f"gas={gas} l2e={cfg.l2e.method} device={device.type} resume_step={start_step}"
+        + (f" branch_step={cfg.train.branch_step}" if cfg.train.branch_step is not None else "")
+    )
+    log_event(
+        f"train_iters={cfg.train.train_iters} tokens/step={tokens_per_step} "
+        f"(total {human_count(cfg.train.train_iters * tokens_per_step)}) log_interval={cfg.train.log_interval} "
+        f"output_dir={cfg.train.output_dir}"
+    )
 
 
 def _zero_description(run: ResolvedRun) -> str:
