@@ -50,6 +50,7 @@ install_packages() {
     command -v mpirun >/dev/null || missing+=(openmpi-bin)
     dpkg -s libpmix-dev >/dev/null 2>&1 || missing+=(libpmix-dev)
     command -v unshare >/dev/null || missing+=(util-linux)
+    git lfs version >/dev/null 2>&1 || missing+=(git-lfs)  # l2e-convert --git (tests/test_publish_git.py)
     ((${#missing[@]} == 0)) && return 0
     [[ $(id -u) -eq 0 ]] || cannot "cannot install ${missing[*]}: run as root (or install them yourself)"
     command -v apt-get >/dev/null || cannot "cannot install ${missing[*]}: no apt-get (Debian/Ubuntu needed)"
