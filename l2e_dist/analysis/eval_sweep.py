@@ -254,6 +254,9 @@ def task_figure(rows: list[dict[str, Any]], task: str):
                 high = [v + e for v, e in zip(line["values"], line["stderr"])]
                 ax.fill_between(line["steps"], low, high, color=drawn.get_color(), alpha=0.15, linewidth=0)
         ax.set_xscale("symlog", linthresh=1)
+        steps = sorted({s for line in series[metric].values() for s in line["steps"]})
+        if len(steps) <= 12:  # few steps: label each (symlog's own ticks may show none between 1 and 10)
+            ax.set_xticks(steps, labels=[str(s) for s in steps])
         ax.set(xlabel="step", ylabel=metric, title=f"{task}: {metric}")
         ax.legend(fontsize="small")
     return figure
