@@ -5,7 +5,7 @@
 #   scripts/local_slurm.sh start    install (apt) if needed, configure, start; waits until n1/n2 are idle
 #   scripts/local_slurm.sh stop     stop the daemons this script started (by their pid files)
 #   scripts/local_slurm.sh status   exit 0 when controller and both nodes answer and are usable
-#   scripts/local_slurm.sh install  only install the system packages (Slurm, munge, PMIx, Open MPI), as root
+#   scripts/local_slurm.sh install  only install the system packages (Slurm, munge, PMIx, Open MPI, git-lfs), as root
 #
 # Exit codes: 0 ok, 1 failed, 2 usage, 3 (status) not running, 4 this machine cannot host it (not root,
 # packages cannot be installed, no UTS namespaces).
