@@ -130,6 +130,13 @@ def test_eval_across_steps_runs_exports_and_revisions(tmp_path, data_cache):
             assert sorted(line.get_label() for line in ax.lines) == ["final", "l2e", "pythia"]
             assert [list(line.get_xdata()) for line in ax.lines if line.get_label() == "l2e"] == [STEPS]
 
+    from l2e_dist.analysis.eval_sweep import discover
+
+    assert [(m.label, m.step, m.is_hf) for m in discover(run)] == [("l2e-run", s, False) for s in (0, 4, 8)]
+    shutil.copytree(run / "checkpoints", tmp_path / "no-snapshots" / "checkpoints")
+    (latest,) = discover(tmp_path / "no-snapshots")  # a run without snapshots: its latest checkpoint
+    assert (latest.label, latest.step, latest.is_hf, latest.path.name) == ("no-snapshots", 8, False, "global_step8")
+
     second = _eval(args, env)  # same settings, same weights: nothing is evaluated again
     assert second.stdout.count("reused") == 5 and "converted" not in second.stdout
     assert "converted" in first.stdout

@@ -90,12 +90,12 @@ def discover(path: str | Path, label: str | None = None, steps: Sequence[int] | 
     label = label or default_label(path)
     if not path.is_dir():
         raise EvalError(f"{path} does not exist: give a run output_dir, a folder of step<N> models or a model directory")
-    if (single := _one_model(path, label)) is not None:
-        return [single]
     found = {}
-    for step, directory in list_snapshots(path):
+    for step, directory in list_snapshots(path):  # a run (its snapshots/) or a folder of step<N> models
         if (model := _one_model(directory, label)) is not None:
             found[step] = model
+    if not found and not (path / "checkpoints").is_dir() and (single := _one_model(path, label)) is not None:
+        return [single]
     if found:
         if steps is None:
             return [found[s] for s in sorted(found)]
