@@ -51,15 +51,22 @@ def test_git_repository_pushes_clones_and_loads_step4_with_our_logits(tmp_path, 
 
     run = train_snapshot_run(tmp_path / "run", data_cache)
     repo, env = tmp_path / "pythia-tiny", _bare_env(tmp_path / "home")
-    proc = subprocess.run([sys.executable, "-m", "launcher.convert", "to-hf", str(run), str(repo), "--all", "--git",
-                           "--dtype", "float16"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "3 snapshots committed" in proc.stdout
+    early = tmp_path / "early"  # the run as it was before its last snapshot: the repository grows with the run
+    for step in SNAPSHOT_STEPS[:-1]:
+        shutil.copytree(run / "snapshots" / f"step{step}", early / "snapshots" / f"step{step}")
+    for source, made in ((early, len(SNAPSHOT_STEPS) - 1), (run, 1)):
+        proc = subprocess.run([sys.executable, "-m", "launcher.convert", "to-hf", str(source), str(repo), "--all",
+                               "--git", "--dtype", "float16"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"{made} snapshots committed" in proc.stdout
 
     branches = dict(line.split() for line in _git("for-each-ref", "--format=%(refname:short) %(objectname)",
                                                    "refs/heads", env=env, cwd=repo).splitlines())
     assert sorted(branches) == sorted(["main", *(f"step{s}" for s in SNAPSHOT_STEPS)])
     assert branches["main"] == branches[f"step{SNAPSHOT_STEPS[-1]}"]  # main = the last step
+    history = _git("log", "--format=%H", "main", env=env, cwd=repo).split()
+    assert history == [branches[f"step{s}"] for s in reversed(SNAPSHOT_STEPS)]  # linear, in step order
     configs = [json.loads(_git("show", f"step{s}:config.json", env=env, cwd=repo)) for s in SNAPSHOT_STEPS]
     assert all(config == configs[0] for config in configs)  # one architecture across the branches
     assert configs[0]["torch_dtype"] == "float16" and configs[0]["architectures"] == ["GPTNeoXForCausalLM"]
@@ -106,6 +113,12 @@ def test_git_repository_pushes_clones_and_loads_step4_with_our_logits(tmp_path, 
     assert convert_main(["to-hf", str(run), str(repo), "--all", "--git", "--dtype", "float16"]) == 0  # nothing new
     assert _git("rev-parse", "main", env=env, cwd=repo).strip() == branches["main"]
     assert convert_main(["to-hf", str(run), str(repo), "--all", "--git"]) == 2  # float32 onto float16 branches
+    (repo / "README.md").write_text("# model card\n")  # main gets a commit of its own: never dropped
+    _git("add", "README.md", env=env, cwd=repo)
+    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "card", env=env, cwd=repo)
+    card = _git("rev-parse", "main", env=env, cwd=repo)
+    assert convert_main(["to-hf", str(run), str(repo), "--all", "--git", "--dtype", "float16"]) == 0
+    assert _git("rev-parse", "main", env=env, cwd=repo) == card
     for dtype, stored in (("bfloat16", "BF16"), ("float32", "F32")):  # a single export takes --dtype too
         out = tmp_path / f"export-{dtype}"
         assert convert_main(["to-hf", snapshot, str(out), "--dtype", dtype]) == 0

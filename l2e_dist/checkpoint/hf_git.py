@@ -96,6 +96,19 @@ def _commit_tree(repo: Path, tree_dir: Path, message: str, parent: str | None) -
     return _git(repo, "commit-tree", tree, *(("-p", parent) if parent else ()), "-m", message)
 
 
+def _point_main(repo: Path, last: str, step_commits: set[str], last_branch: str, log) -> None:
+    """main = the last step, the work tree checked out there. A main with commits of its own (a model card
+    added by hand) is left as it is: moving it would drop them."""
+    current = _git(repo, "for-each-ref", "--format=%(objectname)", "refs/heads/main")
+    if current and current not in step_commits:
+        log(f"l2e-convert: main of {repo} has commits of its own; left as it is (point it at the last step "
+            f"with: git -C {repo} branch -f main {last_branch})")
+        return
+    _git(repo, "update-ref", "refs/heads/main", last)
+    _git(repo, "symbolic-ref", "HEAD", "refs/heads/main")
+    _git(repo, "reset", "-q", "--hard")  # the work tree shows main (the last step), LFS files smudged
+
+
 def export_snapshots_git(run_dir: str | Path, repo_dir: str | Path, dtype: str = "float32",
                          max_shard_bytes: int = 5 * 2**30, log=print) -> tuple[list[int], list[int]]:
     """Every snapshot of `run_dir` as branch step<N> of the git repository `repo_dir`; `main` = the last step.
@@ -135,9 +148,7 @@ def export_snapshots_git(run_dir: str | Path, repo_dir: str | Path, dtype: str =
         written.append(step)
         log(f"l2e-convert: committed branch {BRANCH_PREFIX}{step} of {repo}")
     if commits:
-        _git(repo, "update-ref", "refs/heads/main", commits[max(commits)])
-        _git(repo, "symbolic-ref", "HEAD", "refs/heads/main")
-        _git(repo, "reset", "-q", "--hard")  # the work tree shows main (the last step), LFS files smudged
+        _point_main(repo, commits[max(commits)], set(commits.values()), f"{BRANCH_PREFIX}{max(commits)}", log)
     if damaged:
         raise CheckpointError(f"{len(damaged)} damaged snapshot(s) not committed ({'; '.join(damaged)}); the other "
                               f"{len(written) + len(skipped)} are branches of {repo}: restore them from a backup "
