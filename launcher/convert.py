@@ -2,12 +2,15 @@
 
     l2e-convert to-hf runs/tiny hf/tiny                # any checkpoint (any ZeRO stage, any TP) -> HF directory
     l2e-convert to-hf runs/pythia-70m hf/pythia-70m --all   # every snapshot -> hf/pythia-70m/step0, step1, ...
+    l2e-convert to-hf runs/pythia-70m hf/pythia-70m --all --git --dtype float16   # one git repo, Pythia's layout
     l2e-convert from-hf pythia-70m ckpt/pythia-70m-tp2 --tp 2   # HF GPTNeoX/Pythia -> our checkpoint at TP=2
     l2e-convert from-neox neox-ckpt-pythia-70m/global_step13000 ckpt/p70m-13000 --tp 1   # + optimizer state
 
 CHECKPOINT may be a run's output_dir, its checkpoints/ directory (uses `latest`) or one checkpoint directory.
 With --all, CHECKPOINT is a run's output_dir and OUT receives one HF directory per snapshot (train.save_schedule,
-train.extra_save_steps), named by step like Pythia's revisions; steps already exported are skipped.
+train.extra_save_steps), named by step like Pythia's revisions; steps already exported are skipped. With --all --git,
+OUT is one git repository with a step<N> branch per snapshot and main at the last step, weights in git-lfs, as
+Pythia's hub repositories are: push it with `git -C OUT push REMOTE --all` (docs/publishing.md).
 Continue pretraining from an imported model with `--set train.init_from=ckpt/pythia-70m-tp2` (weights only).
 A gpt-neox `global_stepN` directory (or its from-neox output) in train.init_from also continues its optimizer
 (docs/neox-checkpoints.md).
@@ -28,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     to_hf.add_argument("checkpoint", help="run output_dir, checkpoints/ directory or checkpoint directory")
     to_hf.add_argument("out", help="output directory (must not exist or be empty; with --all: may hold earlier exports)")
     to_hf.add_argument("--all", action="store_true", help="every snapshot of the run -> OUT/step<N>")
+    to_hf.add_argument("--git", action="store_true",
+                       help="with --all: OUT is one git repository, a step<N> branch per snapshot, main = last step")
+    to_hf.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                       help="weight dtype of the export (Pythia publishes float16; default: %(default)s)")
     to_hf.add_argument("--max-shard-gib", type=float, default=5.0, help="safetensors shard size (default 5)")
     from_hf = sub.add_parser("from-hf", help="Hugging Face GPTNeoX directory -> our checkpoint at a TP size")
     from_hf.add_argument("hf_dir", help="directory with config.json and model.safetensors (or pytorch_model.bin)")
@@ -46,15 +53,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from l2e_dist.checkpoint.convert import export_hf, import_hf
+    from l2e_dist.checkpoint.hf_git import export_snapshots_git
     from l2e_dist.checkpoint.manifest import CheckpointError
     from l2e_dist.checkpoint.snapshots import export_snapshots_hf
 
+    if args.command == "to-hf" and args.git and not args.all:
+        raise CheckpointError("--git writes every snapshot as a branch: add --all")
+    shard_bytes = int(args.max_shard_gib * 2**30) if args.command == "to-hf" else 0
+    if args.command == "to-hf" and args.git:
+        written, skipped = export_snapshots_git(args.checkpoint, args.out, args.dtype, shard_bytes)
+        print(f"l2e-convert: {len(written)} snapshots committed, {len(skipped)} already branches of {args.out}; "
+              f"main = the last step. Publish: git -C {args.out} push REMOTE --all")
+        return 0
     if args.command == "to-hf" and args.all:
-        written, skipped = export_snapshots_hf(args.checkpoint, args.out, int(args.max_shard_gib * 2**30))
+        written, skipped = export_snapshots_hf(args.checkpoint, args.out, shard_bytes, dtype=args.dtype)
         print(f"l2e-convert: {len(written)} snapshots exported, {len(skipped)} already in {args.out}")
         return 0
     if args.command == "to-hf":
-        out = export_hf(args.checkpoint, args.out, max_shard_bytes=int(args.max_shard_gib * 2**30))
+        out = export_hf(args.checkpoint, args.out, max_shard_bytes=shard_bytes, dtype=args.dtype)
     elif args.command == "from-neox":
         from l2e_dist.checkpoint.neox_convert import import_neox
 

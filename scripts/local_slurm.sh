@@ -5,7 +5,7 @@
 #   scripts/local_slurm.sh start    install (apt) if needed, configure, start; waits until n1/n2 are idle
 #   scripts/local_slurm.sh stop     stop the daemons this script started (by their pid files)
 #   scripts/local_slurm.sh status   exit 0 when controller and both nodes answer and are usable
-#   scripts/local_slurm.sh install  only install the system packages (Slurm, munge, PMIx, Open MPI), as root
+#   scripts/local_slurm.sh install  only install the system packages (Slurm, munge, PMIx, Open MPI, git-lfs), as root
 #
 # Exit codes: 0 ok, 1 failed, 2 usage, 3 (status) not running, 4 this machine cannot host it (not root,
 # packages cannot be installed, no UTS namespaces).
@@ -50,6 +50,7 @@ install_packages() {
     command -v mpirun >/dev/null || missing+=(openmpi-bin)
     dpkg -s libpmix-dev >/dev/null 2>&1 || missing+=(libpmix-dev)
     command -v unshare >/dev/null || missing+=(util-linux)
+    git lfs version >/dev/null 2>&1 || missing+=(git-lfs)  # l2e-convert --git (tests/test_publish_git.py)
     ((${#missing[@]} == 0)) && return 0
     [[ $(id -u) -eq 0 ]] || cannot "cannot install ${missing[*]}: run as root (or install them yourself)"
     command -v apt-get >/dev/null || cannot "cannot install ${missing[*]}: no apt-get (Debian/Ubuntu needed)"

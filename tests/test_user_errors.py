@@ -135,7 +135,7 @@ CASES = [
     ("analyze-both-inputs", "analyze",
      lambda ws: [str(ws["root"] / "llama"), "--data", str(ws["good"]), "--jsonl", str(ws["root"] / "docs.jsonl")],
      "exactly one"),
-    ("eval-model-missing", "eval", lambda ws: [str(ws["root"] / "nomodel"), "--tasks", "lambada_openai"], "no config.json"),
+    ("eval-model-missing", "eval", lambda ws: [str(ws["root"] / "nomodel"), "--tasks", "lambada_openai"], "does not exist"),
     ("eval-task-missing", "eval", lambda ws: [str(ws["root"] / "llama"), "--tasks",
                                               str(ws["root"] / "task.yaml")], "no tokenizer"),
     ("neuromfa-steps", "neuromfa", lambda ws: ["--steps", "1"], "--steps"),

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from l2e_dist.errors import UserError
-from l2e_dist.fileio import atomic_write_json
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -30,7 +29,7 @@ class EvalError(UserError, ValueError):
 class EvalSettings:
     tasks: list[str]
     num_fewshot: int | None = None
-    batch_size: int = 8
+    batch_size: int | str = 8  # or lm-eval's "auto" / "auto:N"
     device: str = "cpu"
     dtype: str = "float32"
     limit: float | None = None  # per task: a count (>= 1) or a fraction (< 1) of the documents
@@ -61,10 +60,15 @@ def _task_names_in(path: Path) -> list[str]:
     return names
 
 
+def split_task_specs(specs: list[str]) -> list[str]:
+    """`--tasks piqa,arc_easy` (lm-eval's spelling) and `--tasks piqa arc_easy` alike."""
+    return [part.strip() for spec in specs for part in spec.split(",") if part.strip()]
+
+
 def resolve_tasks(specs: list[str]) -> tuple[list[str], list[str]]:
     """(task names, include paths): a spec that is an existing .yaml file or directory is a local task."""
     names, include = [], []
-    for spec in specs:
+    for spec in split_task_specs(specs):
         path = Path(spec)
         if path.is_dir() or (path.is_file() and path.suffix in (".yaml", ".yml")):
             names += _task_names_in(path)
@@ -87,19 +91,29 @@ def check_model_dir(model_dir: str | Path, tokenizer: str | None) -> None:
                         "with the model or pass --tokenizer DIR")
 
 
-def evaluate(model_dir: str | Path, settings: EvalSettings) -> dict[str, Any]:
-    """Run the harness; returns its result dict (results, configs, versions, n-samples, and samples if asked)."""
-    check_model_dir(model_dir, settings.tokenizer)
-    names, include = resolve_tasks(settings.tasks)
-    import lm_eval
+def task_manager(specs: list[str]) -> tuple[list[str], Any]:
+    """(task names, lm-eval TaskManager) for the task specs; unknown names are one EvalError line. Built once
+    per evaluation sweep: indexing the harness's tasks takes seconds."""
+    names, include = resolve_tasks(specs)
     from lm_eval.tasks import TaskManager
 
-    local_only = all(Path(spec).exists() for spec in settings.tasks)
+    local_only = all(Path(spec).exists() for spec in split_task_specs(specs))
     manager = TaskManager(include_path=include or None, include_defaults=not local_only)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise EvalError(f"unknown lm-eval task(s) {unknown}: use harness task names (`lm-eval ls tasks`) or local "
                         "task YAML files")
+    return names, manager
+
+
+def evaluate(model_dir: str | Path, settings: EvalSettings, tasks: tuple[list[str], Any] | None = None
+             ) -> dict[str, Any]:
+    """Run the harness; returns its result dict (results, configs, versions, n-samples, and samples if asked).
+    `tasks`: task_manager(settings.tasks), when the caller evaluates several models."""
+    check_model_dir(model_dir, settings.tokenizer)
+    names, manager = tasks or task_manager(settings.tasks)
+    import lm_eval
+
     model_args: dict[str, Any] = {"pretrained": str(model_dir), "dtype": settings.dtype}
     if settings.tokenizer:
         model_args["tokenizer"] = settings.tokenizer
@@ -128,23 +142,3 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
                 row[name] = None
         summary[task] = row
     return summary
-
-
-def write_results(results: dict[str, Any], model_dir: str | Path, settings: EvalSettings, path: str | Path) -> dict:
-    """Atomically write {model, settings, summary, n-samples, versions, configs[, samples]} as JSON."""
-    record = {
-        "model": str(model_dir),
-        "settings": asdict(settings),
-        "summary": summarize(results),
-        "n-samples": results.get("n-samples"),
-        "versions": results.get("versions"),
-        "n-shot": results.get("n-shot"),
-        "lm_eval_version": results.get("lm_eval_version"),
-        "configs": results.get("configs"),
-    }
-    if settings.log_samples:
-        record["samples"] = results.get("samples")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, record, sort_keys=False, default=str)
-    return record

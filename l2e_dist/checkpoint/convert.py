@@ -56,6 +56,7 @@ from l2e_dist.model.tp_layout import partition_dim, split_tensor
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 IMPORTED_TOKENIZER_DIR = "hf_tokenizer"  # an import keeps the HF tokenizer files here, for the way back
+HF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # export weights
 
 
 def is_hf_directory(path: str | Path) -> bool:
@@ -240,22 +241,35 @@ def _publish(tmp: Path, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
 
 
-def export_hf(checkpoint: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+def exported_dtype(hf_dir: str | Path) -> str:
+    """The weight dtype an HF directory's config.json declares (`dtype`, or the older `torch_dtype`)."""
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30,
+              dtype: str = "float32") -> Path:
     """Write a `GPTNeoXForCausalLM` directory (config.json, safetensors weights, tokenizer files when the
-    run's tokenizer is found) that `AutoModelForCausalLM.from_pretrained` loads with no extra code."""
+    run's tokenizer is found) that `AutoModelForCausalLM.from_pretrained` loads with no extra code.
+
+    `dtype` rounds the fp32 master weights (Pythia publishes float16); config.json declares it both as
+    `dtype` (transformers 5) and `torch_dtype` (transformers 4, Pythia's configs), so `dtype="auto"` loads it."""
     from safetensors.torch import save_file
 
+    if dtype not in HF_DTYPES:
+        raise CheckpointError(f"unknown export dtype {dtype!r}: use one of {', '.join(HF_DTYPES)}")
     source = WeightSource(checkpoint)
     out_dir, tmp = _atomic_directory(Path(out_dir))
     try:
         tokenizer = _export_tokenizer(source, tmp)
         eos = tokenizer["eos_id"] if tokenizer else source.token_ids.get("eos_token_id")
         config = hf_config_dict(source.model_config, source.padded_vocab_size(), eos)
+        config.update(dtype=dtype, torch_dtype=dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name in source.names:
-            tensor = source.tensor(name).contiguous()
+            tensor = source.tensor(name).to(HF_DTYPES[dtype]).contiguous()
             if shards[-1] and size + tensor.nbytes > max_shard_bytes:
                 shards.append({})
                 size = 0

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from l2e_dist.checkpoint.convert import export_hf, is_hf_directory
+from l2e_dist.checkpoint.convert import export_hf, exported_dtype, is_hf_directory
 from l2e_dist.checkpoint.manifest import CheckpointError, file_sha256, verify_checkpoint, write_manifest
 from l2e_dist.console import log_event
 from l2e_dist.fileio import fsync_path
@@ -155,7 +155,7 @@ def _remove_dead_exports(out_dir: Path) -> None:
 
 
 def export_snapshots_hf(run_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30,
-                        log=print) -> tuple[list[Path], list[Path]]:
+                        log=print, dtype: str = "float32") -> tuple[list[Path], list[Path]]:
     """Every snapshot of `run_dir` as an HF model directory `out_dir/step<N>` (Pythia's revision names).
 
     Returns (written, skipped). A step whose directory is already a complete export is skipped: each export is
@@ -174,13 +174,16 @@ def export_snapshots_hf(run_dir: str | Path, out_dir: str | Path, max_shard_byte
     for step, snapshot in snapshots:
         target = out_dir / f"step{step}"
         if is_hf_directory(target):
+            if (found := exported_dtype(target)) != dtype:
+                raise CheckpointError(f"{target} was exported as {found}, not {dtype}: export into another "
+                                      f"directory or pass --dtype {found}")
             skipped.append(target)
             continue
         problem = verify_checkpoint(snapshot, deep=True)
         if problem is not None:
             damaged.append(problem)
             continue
-        written.append(export_hf(snapshot, target, max_shard_bytes=max_shard_bytes))
+        written.append(export_hf(snapshot, target, max_shard_bytes=max_shard_bytes, dtype=dtype))
         log(f"l2e-convert: wrote {target}")
     if damaged:
         raise CheckpointError(f"{len(damaged)} damaged snapshot(s) not exported ({'; '.join(damaged)}); the other "
