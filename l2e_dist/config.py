@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from l2e_dist.config_utils import ConfigError, apply_override, build, deep_merge, load_yaml, to_dict
@@ -147,7 +148,10 @@ class TrainConfig:
     # beyond extra_save_steps. Resume checkpoints stay every save_interval steps, pruned by keep_last_n.
     save_schedule: Literal["interval", "pythia"] = "interval"
     extra_save_steps: list[int] = field(default_factory=list)  # more snapshot steps, increasing, 0..train_iters
-    output_dir: str = "runs/default"
+    # Where checkpoints, snapshots, logs and config.yaml go. null: runs/<name of the first --config file>, plus
+    # -<l2e.method> when L2E or MEmeL is on (configs/pythia-160m.yaml -> runs/pythia-160m, with
+    # configs/l2e/l2e.yaml overlaid -> runs/pythia-160m-l2e), so that a baseline and its L2E run never share one.
+    output_dir: str | None = None
     resume: bool = True  # continue from output_dir/checkpoints/latest when present
     # Scheduler signals (Slurm: #SBATCH --signal=USR1@<s>) make every rank finish the step, checkpoint and
     # stop (rank 0 requeues a requeueable Slurm job). Ranks agree every `preempt_check_every` steps.
@@ -317,7 +321,16 @@ def load_config(paths: list[str], overrides: list[str] | None = None) -> RunConf
         data = deep_merge(data, load_yaml(path))
     for assignment in overrides or []:
         data = apply_override(data, assignment)
-    return build(RunConfig, data)
+    cfg = build(RunConfig, data)
+    if cfg.train.output_dir is None:
+        cfg.train.output_dir = default_output_dir(paths[0], cfg.l2e.method)
+    return cfg
+
+
+def default_output_dir(first_config: str, l2e_method: str) -> str:
+    """runs/<first config file's name>[-<l2e method>]: a baseline and its L2E / MEmeL run land apart."""
+    name = Path(first_config).stem
+    return f"runs/{name}" if l2e_method == "none" else f"runs/{name}-{l2e_method}"
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

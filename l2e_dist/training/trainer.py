@@ -42,6 +42,7 @@ from l2e_dist.training.preemption import PreemptionHandler, start_watchdog
 from l2e_dist.training.prefetch import prefetch_to_device
 from l2e_dist.training.resolved import ResolvedRun, resolve_run
 from l2e_dist.training.run_data import check_run_data, first_step, run_batches
+from l2e_dist.training.run_dir import open_run_dir
 from l2e_dist.training.throughput import TrainingClock, device_peak_tflops, mfu
 
 SLOW_PHASE_FACTOR = 4  # resume, eval and checkpoint phases may take this many watchdog/collective timeouts
@@ -184,6 +185,11 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     run = resolve_run(cfg, layout.world_size, datasets)  # the caller's cfg stays as given
     cfg, dp_size, gas = run.config, run.derived.data_parallel, run.derived.grad_accum_steps
     check_run_data(cfg, datasets)  # file-order data ends; an init_from checkpoint's vocabulary
+    finished = open_run_dir(run, layout.rank)  # refuses another experiment in output_dir; writes config.yaml
+    if finished is not None:
+        if layout.rank == 0:
+            print(f"l2e-dist: already complete at step {finished.step} ({finished.checkpoint})", flush=True)
+        return TrainResult(finished.step, float("nan"), [], str(cfg.train.output_dir))
 
     seed_everything(cfg.train.seed)  # identical init on every rank and every TP size
     model = build_model(cfg, layout, device)
