@@ -25,7 +25,7 @@ WATCHDOG_REPORT_S = 30.0
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel: int = 1
+    tensor_parallel: int = 1  # TP size (megatron-core); data-parallel size = world size / TP
     # A rank waiting longer than this on a collective fails the job. Longer than the watchdog's timeout (plus
     # the time it takes to report), so that a hang is ended by the watchdog, which names the silent rank.
     dist_timeout_s: float = 1200.0
@@ -54,13 +54,13 @@ class ParallelConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak learning rate, after warm-up
     min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio x lr (Pythia: 0.1)
     warmup_fraction: float = 0.01  # of train.train_iters (Pythia: 1%)
-    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"  # after warm-up, to min_lr_ratio x lr
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW
+    eps: float = 1e-8  # AdamW
+    weight_decay: float = 0.1  # AdamW (decoupled)
     grad_clip: float = 1.0  # 0 disables clipping
     # Length of the lr schedule (warm-up fraction and decay are over this many steps); None = train.train_iters.
     # GPT-NeoX's lr-decay-iters: Pythia's is 143000, so a shorter (e.g. branched) run follows Pythia's schedule.
@@ -93,10 +93,10 @@ class OptimizerConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 1
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    zero_stage: int = 1  # DeepSpeed ZeRO: 1 partitions optimizer states, 2 + gradients, 3 + parameters
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # fp16: dynamic loss scaling; fp32 master weights
     initial_scale_power: int = 12  # fp16 dynamic loss scaling starts at 2**this
-    loss_scale_window: int = 1000
+    loss_scale_window: int = 1000  # fp16: steps without overflow before the loss scale doubles
     extra: dict[str, Any] = field(default_factory=dict)  # merged verbatim into the DeepSpeed config
 
     def validate(self) -> None:
@@ -130,16 +130,16 @@ COMPUTED_DEEPSPEED_KEYS = {
 
 @dataclass
 class TrainConfig:
-    seq_length: int = 2048
-    micro_batch_size: int = 1
+    seq_length: int = 2048  # tokens per sample
+    micro_batch_size: int = 1  # sequences per rank per forward/backward; accumulation fills the global batch
     global_batch_size: int = 1024  # sequences per optimizer step, over all data-parallel ranks
-    train_iters: int = 143000
-    seed: int = 1234
-    activation_checkpointing: bool = False
+    train_iters: int = 143000  # optimizer steps of the whole run
+    seed: int = 1234  # initialization and data order
+    activation_checkpointing: bool = False  # recompute each layer's activations in the backward: less memory
     compile: bool = False  # torch.compile each transformer layer (off until measured on a GPU: l2e-bench)
-    log_interval: int = 10
+    log_interval: int = 10  # steps between logged metrics
     eval_interval: int = 1000  # 0 disables validation
-    eval_iters: int = 10
+    eval_iters: int = 10  # global batches per validation
     save_interval: int = 1000  # 0: save only at the end
     keep_last_n: int = 3  # checkpoints kept on disk (0 keeps all)
     # Weights-only snapshots for training-dynamics studies (output_dir/snapshots/step<N>, never pruned).
@@ -156,7 +156,7 @@ class TrainConfig:
     # Scheduler signals (Slurm: #SBATCH --signal=USR1@<s>) make every rank finish the step, checkpoint and
     # stop (rank 0 requeues a requeueable Slurm job). Ranks agree every `preempt_check_every` steps.
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
-    preempt_check_every: int = 10
+    preempt_check_every: int = 10  # steps between the ranks' agreement on a received stop signal
     init_from: str | None = (
         None  # weights of a checkpoint / HF dir / l2e-convert from-hf output; fresh optimizer
     )
@@ -227,11 +227,11 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "l2e-dist"
-    wandb_mode: Literal["online", "offline"] = "offline"
-    progress_bar: bool = True
+    tensorboard: bool = True  # event files in output_dir/tensorboard
+    wandb: bool = False  # also log to Weights & Biases
+    wandb_project: str = "l2e-dist"  # W&B project name
+    wandb_mode: Literal["online", "offline"] = "offline"  # offline: sync later with `wandb sync`
+    progress_bar: bool = True  # tqdm progress bar on rank 0
     histogram_size: int = (
         65536  # held-out L2E scores per layer kept for the TensorBoard histogram at each eval
     )
