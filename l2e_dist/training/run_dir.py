@@ -11,6 +11,7 @@ train.resume=false starts over in the directory and replaces config.yaml.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +88,9 @@ def _inspect(run: ResolvedRun) -> FinishedRun | None:
     ckpt_dir = out / CHECKPOINT_DIR
     if not ckpt_dir.is_dir():
         return None
-    ckpt = find_resume_checkpoint(ckpt_dir)  # sizes only: resume deep-verifies the files each rank reads
+    with warnings.catch_warnings():  # a fallback is reported once, by the resume that follows
+        warnings.simplefilter("ignore")
+        ckpt = find_resume_checkpoint(ckpt_dir)  # sizes only: resume deep-verifies the files each rank reads
     if ckpt is None:
         return None
     if saved is None:  # a run directory from before config.yaml
