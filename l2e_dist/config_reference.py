@@ -55,8 +55,8 @@ intervals, paths, guards) may change between launches; checkpoints reshard acros
 `train.train_iters` is free, so a finished run can be trained further; the lr schedule's length
 (`optimizer.lr_decay_iters`, null = `train.train_iters`) must match, so to extend a run whose schedule followed
 `train.train_iters` set `optimizer.lr_decay_iters` to its old value (Pythia's configs set 143000). L2E keys
-are compared only for L2E / MEmeL runs, fp16 loss scaling only for fp16 runs. To change the experiment, start a
-new run (another `train.output_dir`), with `train.init_from` pointing at a checkpoint for its weights.
+are compared between two L2E / MEmeL runs, fp16 loss scaling between two fp16 runs. To change the experiment,
+start a new run (another `train.output_dir`), with `train.init_from` pointing at a checkpoint for its weights.
 """
 
 

@@ -35,7 +35,7 @@ class Rule:
     why: str
     # The value compared for the key (default: the key's own value); gets the whole config dict.
     effective: Callable[[dict], Any] | None = None
-    # The key matters only when this holds for the saved run (e.g. L2E settings of an L2E run).
+    # The key is compared only when this holds for both runs (e.g. L2E settings of two L2E runs).
     applies: Callable[[dict], bool] | None = None
 
 
@@ -72,9 +72,9 @@ def _free(why: str) -> Rule:
 
 MODEL = _experiment("the architecture and initialization")
 DATA = _experiment("what is trained on and validated on")
-L2E = _experiment("the inhibition (compared when the run uses L2E or MEmeL)", applies=_l2e_on)
+L2E = _experiment("the inhibition (compared when both runs use L2E or MEmeL)", applies=_l2e_on)
 OPTIMIZER = _experiment("the optimizer and learning-rate schedule")
-FP16 = _experiment("fp16 loss scaling (compared for fp16 runs)", applies=_fp16)
+FP16 = _experiment("fp16 loss scaling (compared when both runs are fp16)", applies=_fp16)
 LAYOUT = _free("layout: a resume may reshard onto another one")
 LOGGING = _free("what is logged and where")
 INTERVALS = _free("when the run logs, validates or saves")
@@ -153,10 +153,10 @@ def experiment_differences(saved: dict, current: dict) -> list[tuple[str, Any, A
     full_saved = _with_defaults(saved)
     differences = []
     for key, rule in KEY_RULES.items():
-        if rule.kind != "experiment" or not _has(saved, key.split(".")[0]) or not _has(saved, key):
+        if rule.kind != "experiment" or not _has(saved, key):
             continue
-        if rule.applies is not None and not (rule.applies(full_saved) or rule.applies(current)):
-            continue
+        if rule.applies is not None and not (rule.applies(full_saved) and rule.applies(current)):
+            continue  # e.g. L2E settings when one of the runs has no L2E: l2e.method already differs
         before, now = _comparable(full_saved, key, rule), _comparable(current, key, rule)
         if before != now:
             differences.append((key, before, now))

@@ -21,7 +21,7 @@ from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
 from l2e_dist.checkpoint.identity import check_same_experiment
 from l2e_dist.checkpoint.manifest import TAG, CheckpointError, find_resume_checkpoint, from_rank0
 from l2e_dist.config import config_to_dict
-from l2e_dist.errors import UserError
+from l2e_dist.errors import UserError, environment_error_message
 from l2e_dist.fileio import atomic_write_text
 from l2e_dist.training.resolved import ResolvedRun
 
@@ -47,7 +47,9 @@ def open_run_dir(run: ResolvedRun, rank: int) -> FinishedRun | None:
                 write_run_config(run)
             answer = ("ok", finished.checkpoint if finished else None, finished.step if finished else None)
         except UserError as exc:
-            answer = (type(exc).__name__, str(exc), None)
+            answer = ("error", str(exc), None)
+        except OSError as exc:  # e.g. an unwritable output_dir: every rank must stop, not only rank 0
+            answer = ("error", environment_error_message(exc) or f"{type(exc).__name__}: {exc}", None)
     status, text, step = from_rank0(answer)
     if status != "ok":
         error = CheckpointError(text)
