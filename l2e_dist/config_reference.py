@@ -57,6 +57,8 @@ intervals, paths, guards) may change between launches; checkpoints reshard acros
 `train.train_iters` set `optimizer.lr_decay_iters` to its old value (Pythia's configs set 143000). L2E keys
 are compared between two L2E / MEmeL runs, fp16 loss scaling between two fp16 runs. To change the experiment,
 start a new run (another `train.output_dir`), with `train.init_from` pointing at a checkpoint for its weights.
+A deliberate change that keeps the experiment (the data moved: `data.paths`) is declared by editing the value
+in `<output_dir>/config.yaml`, which later launches are held to.
 """
 
 

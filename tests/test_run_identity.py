@@ -194,3 +194,19 @@ def test_default_directories_of_a_baseline_and_an_l2e_run_through_the_cli(tmp_pa
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["tiny", "tiny-l2e"]
     for name, method in (("tiny", "none"), ("tiny-l2e", "l2e")):
         assert yaml.safe_load((tmp_path / "runs" / name / "config.yaml").read_text())["l2e"]["method"] == method
+
+
+@pytest.mark.slow
+def test_a_change_declared_in_config_yaml_resumes(finished_run, data_cache, tmp_path):
+    """config.yaml is the identity later launches are held to: editing a key there declares a deliberate change
+    (e.g. data moved), and the resume then accepts it although the checkpoint recorded the old value."""
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(finished_run), str(run)], check=True)
+    saved = yaml.safe_load((finished_run / "config.yaml").read_text())
+    saved["train"]["output_dir"] = str(run)
+    saved["optimizer"]["grad_clip"] = 0.2
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    extra = {"optimizer.grad_clip": 0.2, "train.train_iters": STEPS + 1, "optimizer.lr_decay_iters": STEPS}
+    proc = pretrain_cli(run_overrides(run, data_cache, **extra))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'global_step{STEPS}'} (step {STEPS}" in proc.stdout

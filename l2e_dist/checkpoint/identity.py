@@ -26,6 +26,9 @@ from l2e_dist.checkpoint.manifest import CheckpointError
 from l2e_dist.config import RunConfig, config_to_dict
 
 Kind = Literal["experiment", "free"]
+# <output_dir>/config.yaml: the resolved config of a run's latest launch, the identity later launches are held to.
+# A deliberate change of an experiment key (e.g. the data moved: data.paths) is declared by editing it.
+RUN_CONFIG_FILE = "config.yaml"
 SHOWN_DIFFERENCES = 4  # named in the refusal; the rest are counted
 
 

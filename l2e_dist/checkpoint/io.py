@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from l2e_dist.checkpoint.compat import IMPORT_FORMAT
 from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
-from l2e_dist.checkpoint.identity import check_same_experiment
+from l2e_dist.checkpoint.identity import RUN_CONFIG_FILE, check_same_experiment
 from l2e_dist.checkpoint.manifest import (
     CheckpointError,
     list_checkpoints,
@@ -267,7 +267,8 @@ def resume(engine, cfg, ckpt_dir: Path, inhibitor=None) -> int:
     if saved.get("format") == IMPORT_FORMAT:
         raise CheckpointError(f"{ckpt} holds weights only (no optimizer state): start from it with "
                               "train.init_from in a fresh train.output_dir instead of resuming")
-    check_resumable(saved.get("config") or {}, cfg, str(ckpt))
+    if not (ckpt_dir.parent / RUN_CONFIG_FILE).is_file():  # else the trainer held the launch to config.yaml
+        check_resumable(saved.get("config") or {}, cfg, str(ckpt))
     before, now = checkpoint_layout(source), run_layout(engine)
     if before == now:
         client_state = load_checkpoint(engine, ckpt)

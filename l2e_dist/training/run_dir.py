@@ -6,7 +6,9 @@ default) first compares its experiment keys (l2e_dist.checkpoint.identity) with 
 directory written before config.yaml existed, with its newest checkpoint's config, and refuses another
 experiment in one line. A run whose newest intact checkpoint is at train.train_iters (or later) is finished:
 it is reported (`already complete at step N (<checkpoint>)`) and nothing is loaded, trained or written.
-train.resume=false starts over in the directory and replaces config.yaml.
+train.resume=false starts over in the directory and replaces config.yaml. config.yaml is the identity later
+launches are held to: a deliberate change of an experiment key (the data moved: data.paths) is declared by
+editing it there.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from pathlib import Path
 import yaml
 
 from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
-from l2e_dist.checkpoint.identity import check_same_experiment
+from l2e_dist.checkpoint.identity import RUN_CONFIG_FILE, check_same_experiment
 from l2e_dist.checkpoint.manifest import TAG, CheckpointError, find_resume_checkpoint, from_rank0
 from l2e_dist.config import config_to_dict
 from l2e_dist.errors import UserError, environment_error_message
 from l2e_dist.fileio import atomic_write_text
 from l2e_dist.training.resolved import ResolvedRun
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = RUN_CONFIG_FILE
 CHECKPOINT_DIR = "checkpoints"
 
 
