@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from l2e_dist.config_utils import ConfigError, apply_override, build, deep_merge, load_yaml, to_dict
@@ -24,7 +25,7 @@ WATCHDOG_REPORT_S = 30.0
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel: int = 1
+    tensor_parallel: int = 1  # TP size (megatron-core); data-parallel size = world size / TP
     # A rank waiting longer than this on a collective fails the job. Longer than the watchdog's timeout (plus
     # the time it takes to report), so that a hang is ended by the watchdog, which names the silent rank.
     dist_timeout_s: float = 1200.0
@@ -53,19 +54,19 @@ class ParallelConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak learning rate, after warm-up
     min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio x lr (Pythia: 0.1)
     warmup_fraction: float = 0.01  # of train.train_iters (Pythia: 1%)
-    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"  # after warm-up, to min_lr_ratio x lr
     # Which formula turns (updates taken, warm-up, decay) into the lr (training/optim.py lr_multiplier):
     # "warmup_decay": warm-up (n+1)/w, then decay from lr to min_lr over the T - w steps after the warm-up (the
     # later GPT-NeoX form). "annealing_lr_d36f623": gpt-neox d36f623's AnnealingLR, which Pythia trained with:
     # warm-up n/w (the first update has lr 0), then lr * 0.5 * (1 + cos(pi * (min(n, T-w) - w) / T)) clamped at
     # min_lr (period T, no min_lr offset inside the cosine); n counts applied updates (fp16-skipped steps do not).
     schedule: Literal["warmup_decay", "annealing_lr_d36f623"] = "warmup_decay"
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW
+    eps: float = 1e-8  # AdamW
+    weight_decay: float = 0.1  # AdamW (decoupled)
     grad_clip: float = 1.0  # 0 disables clipping
     # Length of the lr schedule (warm-up fraction and decay are over this many steps); None = train.train_iters.
     # GPT-NeoX's lr-decay-iters: Pythia's is 143000, so a shorter (e.g. branched) run follows Pythia's schedule.
@@ -98,10 +99,10 @@ class OptimizerConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 1
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    zero_stage: int = 1  # DeepSpeed ZeRO: 1 partitions optimizer states, 2 + gradients, 3 + parameters
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # fp16: dynamic loss scaling; fp32 master weights
     initial_scale_power: int = 12  # fp16 dynamic loss scaling starts at 2**this
-    loss_scale_window: int = 1000
+    loss_scale_window: int = 1000  # fp16: steps without overflow before the loss scale doubles
     extra: dict[str, Any] = field(default_factory=dict)  # merged verbatim into the DeepSpeed config
 
     def validate(self) -> None:
@@ -135,16 +136,16 @@ COMPUTED_DEEPSPEED_KEYS = {
 
 @dataclass
 class TrainConfig:
-    seq_length: int = 2048
-    micro_batch_size: int = 1
+    seq_length: int = 2048  # tokens per sample
+    micro_batch_size: int = 1  # sequences per rank per forward/backward; accumulation fills the global batch
     global_batch_size: int = 1024  # sequences per optimizer step, over all data-parallel ranks
-    train_iters: int = 143000
-    seed: int = 1234
-    activation_checkpointing: bool = False
+    train_iters: int = 143000  # optimizer steps of the whole run
+    seed: int = 1234  # initialization and data order
+    activation_checkpointing: bool = False  # recompute each layer's activations in the backward: less memory
     compile: bool = False  # torch.compile each transformer layer (off until measured on a GPU: l2e-bench)
-    log_interval: int = 10
+    log_interval: int = 10  # steps between logged metrics
     eval_interval: int = 1000  # 0 disables validation
-    eval_iters: int = 10
+    eval_iters: int = 10  # global batches per validation
     save_interval: int = 1000  # 0: save only at the end
     keep_last_n: int = 3  # checkpoints kept on disk (0 keeps all)
     # Weights-only snapshots for training-dynamics studies (output_dir/snapshots/step<N>, never pruned).
@@ -153,12 +154,15 @@ class TrainConfig:
     # beyond extra_save_steps. Resume checkpoints stay every save_interval steps, pruned by keep_last_n.
     save_schedule: Literal["interval", "pythia"] = "interval"
     extra_save_steps: list[int] = field(default_factory=list)  # more snapshot steps, increasing, 0..train_iters
-    output_dir: str = "runs/default"
+    # Where checkpoints, snapshots, logs and config.yaml go. null: runs/<name of the first --config file>, plus
+    # -<l2e.method> when L2E or MEmeL is on (configs/pythia-160m.yaml -> runs/pythia-160m, with
+    # configs/l2e/l2e.yaml overlaid -> runs/pythia-160m-l2e), so that a baseline and its L2E run never share one.
+    output_dir: str | None = None
     resume: bool = True  # continue from output_dir/checkpoints/latest when present
     # Scheduler signals (Slurm: #SBATCH --signal=USR1@<s>) make every rank finish the step, checkpoint and
     # stop (rank 0 requeues a requeueable Slurm job). Ranks agree every `preempt_check_every` steps.
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
-    preempt_check_every: int = 10
+    preempt_check_every: int = 10  # steps between the ranks' agreement on a received stop signal
     init_from: str | None = (
         None  # weights of a checkpoint / HF dir / l2e-convert from-hf output; fresh optimizer
     )
@@ -234,11 +238,11 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "l2e-dist"
-    wandb_mode: Literal["online", "offline"] = "offline"
-    progress_bar: bool = True
+    tensorboard: bool = True  # event files in output_dir/tensorboard
+    wandb: bool = False  # also log to Weights & Biases
+    wandb_project: str = "l2e-dist"  # W&B project name
+    wandb_mode: Literal["online", "offline"] = "offline"  # offline: sync later with `wandb sync`
+    progress_bar: bool = True  # tqdm progress bar on rank 0
     histogram_size: int = (
         65536  # held-out L2E scores per layer kept for the TensorBoard histogram at each eval
     )
@@ -328,7 +332,16 @@ def load_config(paths: list[str], overrides: list[str] | None = None) -> RunConf
         data = deep_merge(data, load_yaml(path))
     for assignment in overrides or []:
         data = apply_override(data, assignment)
-    return build(RunConfig, data)
+    cfg = build(RunConfig, data)
+    if cfg.train.output_dir is None:
+        cfg.train.output_dir = default_output_dir(paths[0], cfg.l2e.method)
+    return cfg
+
+
+def default_output_dir(first_config: str, l2e_method: str) -> str:
+    """runs/<first config file's name>[-<l2e method>]: a baseline and its L2E / MEmeL run land apart."""
+    name = Path(first_config).stem
+    return f"runs/{name}" if l2e_method == "none" else f"runs/{name}-{l2e_method}"
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

@@ -42,6 +42,27 @@ def quiet_known_warnings() -> None:
     )
 
 
+def dotted_overrides(argv: list[str] | None) -> list[str]:
+    """The litgpt / torchtitan spelling of a config override: `--train.seed=7` or `--train.seed 7` becomes
+    `--set train.seed=7` (any flag whose name holds a dot), so an unknown key is still named by the config."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    out: list[str] = []
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            out += [arg, *args]
+            break
+        flag, equals, value = arg.partition("=")
+        name = flag[2:]
+        if not (flag.startswith("--") and "." in name and name[:1].isalpha()):
+            out.append(arg)
+            continue
+        if not equals and args and not args[0].startswith("--"):
+            value, equals = args.pop(0), "="
+        out += ["--set", f"{name}{equals}{value}"]  # no value: the config names the malformed override
+    return out
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--debug", action="store_true", help="show the full traceback of an error (also: L2E_DEBUG=1)"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import add_debug_flag, quiet_known_warnings, run_cli
+from launcher import add_debug_flag, dotted_overrides, quiet_known_warnings, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=__doc__.split("\n", 2)[2],
     )
     parser.add_argument("--config", action="append", help="YAML file; repeat to overlay (default configs/tiny.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. train.seq_length=64 (also spelled --train.seq_length=64)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--rounds", type=int, default=30, help="timed interleaved rounds (one step per variant)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps after L2E's late start")
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--out", default="bench_train.json", help="JSON report (default: %(default)s)")
     add_debug_flag(parser)
-    return parser.parse_args(argv)
+    return parser.parse_args(dotted_overrides(argv))
 
 
 @run_cli("l2e-bench")

@@ -25,7 +25,9 @@ from launcher import add_debug_flag, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="l2e-convert", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="l2e-convert", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
     sub = parser.add_subparsers(dest="command", required=True)
     to_hf = sub.add_parser("to-hf", help="checkpoint -> Hugging Face GPTNeoXForCausalLM directory")
     to_hf.add_argument("checkpoint", help="run output_dir, checkpoints/ directory or checkpoint directory")

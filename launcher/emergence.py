@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import add_debug_flag, run_cli
+from launcher import add_debug_flag, dotted_overrides, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,9 +22,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="YAML sweep config (configs/emergence/*.yaml); defaults if omitted")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override one config entry, e.g. --set time_axis.steps=4000 (repeatable)")
+                        help="override one config entry, e.g. --set time_axis.steps=4000 or --time_axis.steps=4000 "
+                        "(repeatable)")
     add_debug_flag(parser)
-    return parser.parse_args(argv)
+    return parser.parse_args(dotted_overrides(argv))
 
 
 @run_cli("l2e-emergence")

@@ -23,7 +23,7 @@ import sys
 
 from l2e_dist.data.prepare import PrepareOptions, prepare, train_tokenizer
 from l2e_dist.data.sources import InputError, SourceSpec, expand_inputs
-from launcher import add_debug_flag, run_cli
+from launcher import add_debug_flag, dotted_overrides, run_cli
 
 
 def _add_source_args(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     batch = commands.add_parser("batch", help="token ids of the global batch training consumes at step I")
     batch.add_argument("--config", action="append", required=True, help="run YAML file; repeat to overlay")
-    batch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.seed=1")
+    batch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override, e.g. train.seed=1 (also spelled --train.seed=1)")
     batch.add_argument("--step", type=int, required=True, help="0-based step I (the batch after checkpoint stepI)")
     batch.add_argument("--split", choices=["train", "valid", "test"], default="train")
     batch.add_argument("--out", help="write an int64 .npy [global_batch_size, seq_length + 1] here (atomically) "
@@ -128,7 +129,7 @@ def show_batch(args: argparse.Namespace) -> int:
 
 @run_cli("l2e-prepare-data")
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(dotted_overrides(argv))
     if args.command == "batch":
         return show_batch(args)
     if args.command == "index-maps":

@@ -1,10 +1,18 @@
 """`l2e-pretrain`: pretrain a Pythia-style model (optionally with L2E) from YAML configs.
 
-    l2e-pretrain --config configs/tiny.yaml --config configs/l2e/l2e.yaml --set optimizer.lr=3e-4
+examples:
+    l2e-pretrain --config configs/tiny.yaml                                   # -> runs/tiny-l2e
+    l2e-pretrain --config configs/tiny.yaml --config configs/l2e/none.yaml    # its control -> runs/tiny
+    l2e-pretrain --config configs/pythia-160m.yaml --config configs/l2e/l2e.yaml --optimizer.lr=3e-4
+    l2e-pretrain --config configs/pythia-160m.yaml --set train.seed=2 --set train.output_dir=runs/160m-seed2
     l2e-pretrain --config configs/pythia-1b.yaml --dry-run --gpu-mem-gib 80     # checks + memory, no training
+    deepspeed --num_gpus 8 --module launcher.pretrain --config configs/pythia-410m.yaml
     l2e-pretrain --config configs/pythia-410m.yaml --config configs/l2e/l2e.yaml --print-config  # resolved YAML
 
-Launch with torchrun, the deepspeed launcher, srun or mpirun; ranks are discovered from the environment.
+Launch with torchrun, the deepspeed launcher, srun or mpirun; ranks are discovered from the environment. Every
+config key is listed in docs/configuration.md; `--section.key=value` is `--set section.key=value`. Started
+again, a run resumes from its output directory (or reports that it is complete); a changed experiment key is
+refused there: use another train.output_dir.
 """
 
 from __future__ import annotations
@@ -12,14 +20,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import add_debug_flag, quiet_known_warnings, report_user_error, run_cli
+from launcher import add_debug_flag, dotted_overrides, quiet_known_warnings, report_user_error, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="l2e-pretrain", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="l2e-pretrain", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
     parser.add_argument("--config", action="append", required=True, help="YAML file; repeat to overlay")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.seed=1"
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override, e.g. train.seed=1 (also spelled --train.seed=1)"
     )
     parser.add_argument(
         "--dry-run", action="store_true",
@@ -35,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(dotted_overrides(argv))
     if args.gpu_mem_gib is not None and not args.dry_run:
         parser.error("--gpu-mem-gib needs --dry-run")
     return args

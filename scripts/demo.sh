@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job (README): a real 2-process L2E pretraining run of the tiny config on CPU through the
-# `deepspeed` launcher. Builds the bundled corpus on first use; writes runs/tiny (checkpoints, TensorBoard).
+# `deepspeed` launcher. Builds the bundled corpus on first use; writes runs/tiny-l2e (checkpoints, TensorBoard,
+# config.yaml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -150,21 +150,22 @@ def test_manifest_lists_every_file_with_its_size_and_sha256(ckpt_dir):
 
 def test_resume_refuses_another_model_or_data_position(source):
     from l2e_dist.checkpoint.io import check_resumable
-    from l2e_dist.config import load_config
-    from tests.conftest import ROOT
+    from l2e_dist.config import RunConfig
+    from l2e_dist.config_utils import build
 
     saved = DeepSpeedCheckpoint(source / "global_step8").client_state["config"]
 
-    def config(**changes):
-        cfg = load_config([str(ROOT / "configs" / "tiny.yaml")], [f"{k}={v}" for k, v in changes.items()])
-        cfg.model.vocab_size = 3000  # as the trainer resolves it from the tokenizer
+    def config(**changes):  # the saved run's config with some keys changed
+        cfg = build(RunConfig, saved)
+        for dotted, value in changes.items():
+            section, key = dotted.split(".")
+            setattr(getattr(cfg, section), key, value)
         return cfg
 
-    same = {f"model.{k}": saved["model"][k] for k in ("num_layers", "hidden_size", "num_attention_heads")}
-    same.update({f"train.{k}": saved["train"][k] for k in ("global_batch_size", "micro_batch_size", "seq_length")})
-    same["model.max_position_embeddings"] = saved["model"]["max_position_embeddings"]
-    check_resumable(saved, config(**same, **{"parallel.tensor_parallel": 2, "deepspeed.zero_stage": 1}))
-    with pytest.raises(CheckpointError, match="another model .model.hidden_size: checkpoint 64, config 128"):
-        check_resumable(saved, config(**{**same, "model.hidden_size": 128}))
-    with pytest.raises(CheckpointError, match="train.global_batch_size=8 but the config has 16"):
-        check_resumable(saved, config(**{**same, "train.global_batch_size": 16}))
+    check_resumable(saved, config(**{"parallel.tensor_parallel": 2, "deepspeed.zero_stage": 1,
+                                     "train.micro_batch_size": 1}))
+    with pytest.raises(CheckpointError, match=r"ckpt holds another experiment \(model.hidden_size: 64 -> 128; "
+                                              r"model.intermediate_size: 256 -> 512\)"):  # null = 4 x hidden
+        check_resumable(saved, config(**{"model.hidden_size": 128}), "ckpt")
+    with pytest.raises(CheckpointError, match=r"\(train.global_batch_size: 8 -> 16\)"):
+        check_resumable(saved, config(**{"train.global_batch_size": 16}))

@@ -170,7 +170,8 @@ def test_bf16_checkpoint_resume_and_hf_export(tmp_path, data_cache):
     """bf16 on CUDA: 6 steps straight vs 4 + resume to 6 give the same losses; the export of the resumed run
     loads in transformers on CUDA and gives a finite loss."""
     extra = {"deepspeed.precision": "bf16", "train.train_iters": 6, "train.save_interval": 4,
-             "parallel.device": "cuda", "optimizer.lr": 1e-3}
+             "parallel.device": "cuda", "optimizer.lr": 1e-3,
+             "optimizer.lr_decay_iters": 6}  # one schedule: the 4-step run is extended (run identity)
     (straight,) = run_distributed(_pretrain, 1, small_run_overrides(tmp_path / "straight", data_cache, **extra))
     (first,) = run_distributed(_pretrain, 1, small_run_overrides(
         tmp_path / "resumed", data_cache, **{**extra, "train.train_iters": 4}))

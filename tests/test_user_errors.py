@@ -313,7 +313,8 @@ def test_shard_deleted_while_training_then_full_disk_at_checkpoint(workspace, da
     prefix = data / workspace["good"].name
     out = tiny_fs / "run"
     torchrun = ["torchrun", "--nproc_per_node", "2", "-m"]
-    base = {"data.paths": f"[{prefix}]", "train.save_interval": 0, "train.keep_last_n": 1}
+    base = {"data.paths": f"[{prefix}]", "train.save_interval": 0, "train.keep_last_n": 1,
+            "optimizer.lr_decay_iters": 40}  # one lr schedule: the later launches extend the run (run identity)
     first = subprocess.Popen([*torchrun, *_pretrain_cmd(out, data_cache, **base, **{"train.train_iters": 40})[2:]],
                              cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = out / "metrics.jsonl"

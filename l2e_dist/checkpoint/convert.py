@@ -1,8 +1,8 @@
 """Our training checkpoints <-> Hugging Face GPTNeoX directories, and weights-only initialisation.
 
-    export_hf("runs/tiny", "hf-tiny")                    # any ZeRO stage, any TP -> GPTNeoXForCausalLM dir
+    export_hf("runs/tiny-l2e", "hf-tiny")                # any ZeRO stage, any TP -> GPTNeoXForCausalLM dir
     import_hf("pythia-70m", "pythia-70m-tp2", tp=2)      # -> a checkpoint dir for `train.init_from`
-    state, config = load_as_hf_state_dict("runs/tiny")   # HF-named tensors + HF config dict (NeuroMFA)
+    state, config = load_as_hf_state_dict("runs/tiny-l2e")  # HF-named tensors + HF config dict (NeuroMFA)
 
 A "checkpoint path" may be a checkpoint directory (`.../checkpoints/global_step1000`, or an import_hf output),
 a checkpoints directory holding `latest`, or a run's output_dir. Weights are the fp32 master weights, merged

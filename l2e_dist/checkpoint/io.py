@@ -41,8 +41,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from l2e_dist.checkpoint.compat import IMPORT_FORMAT, architecture_mismatch
+from l2e_dist.checkpoint.compat import IMPORT_FORMAT
 from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
+from l2e_dist.checkpoint.identity import RUN_CONFIG_FILE, check_same_experiment
 from l2e_dist.checkpoint.manifest import (
     CheckpointError,
     list_checkpoints,
@@ -51,12 +52,10 @@ from l2e_dist.checkpoint.manifest import (
     write_manifest,
 )
 from l2e_dist.checkpoint.reshard import load_resharded
-from l2e_dist.config_utils import build
 from l2e_dist.console import log_event
 from l2e_dist.data.data_seed import check_resume_data_seed
 from l2e_dist.errors import environment_error_message
 from l2e_dist.fileio import atomic_write_text, fsync_path
-from l2e_dist.model.config import ModelConfig
 from l2e_dist.parallel.launcher_watch import exit_if_launcher_gone
 
 
@@ -253,28 +252,11 @@ def checkpoint_layout(source) -> dict[str, Any]:
     }
 
 
-def check_resumable(saved: dict, cfg) -> None:
-    """Refuse, in one line, a resume that cannot continue the saved run: another architecture or vocabulary, or
-    another global batch / sequence length (the data position and LR schedule are counted in steps of those)."""
-    saved_model = build(ModelConfig, saved.get("model") or {}, "model")
-    mismatch = architecture_mismatch(saved_model, cfg.model)
-    if saved_model.vocab_size != cfg.model.vocab_size:
-        mismatch = f"model.vocab_size: checkpoint {saved_model.vocab_size}, config {cfg.model.vocab_size}"
-    if mismatch:
-        raise CheckpointError(
-            f"the checkpoint holds another model ({mismatch}): resume with the same model section, or use a new "
-            "train.output_dir (with train.init_from for its weights)"
-        )
-    saved_train = saved.get("train") or {}
-    for key in ("global_batch_size", "seq_length"):
-        if key in saved_train and saved_train[key] != getattr(cfg.train, key):
-            raise CheckpointError(
-                f"the checkpoint was trained with train.{key}={saved_train[key]} but the config has "
-                f"{getattr(cfg.train, key)}: the data position depends on it; keep it or use a new train.output_dir"
-            )
-    if "seed" in saved_train and saved_train["seed"] != cfg.train.seed:
-        log_event(f"train.seed changed from {saved_train['seed']} to {cfg.train.seed}: the data order after "
-                  "resume differs from the original run's")
+def check_resumable(saved: dict, cfg, where: str = "the checkpoint") -> None:
+    """Refuse, in one line, a resume that would continue another experiment: any key that defines it (model,
+    data, L2E, optimizer and schedule, precision, seed, global batch, sequence length) differs from the saved
+    run's config (l2e_dist.checkpoint.identity); layout keys may change."""
+    check_same_experiment(saved, cfg, where)
 
 
 def resume(engine, cfg, ckpt_dir: Path, inhibitor=None) -> int:
@@ -289,7 +271,8 @@ def resume(engine, cfg, ckpt_dir: Path, inhibitor=None) -> int:
     if saved.get("format") == IMPORT_FORMAT:
         raise CheckpointError(f"{ckpt} holds weights only (no optimizer state): start from it with "
                               "train.init_from in a fresh train.output_dir instead of resuming")
-    check_resumable(saved.get("config") or {}, cfg)
+    if not (ckpt_dir.parent / RUN_CONFIG_FILE).is_file():  # else the trainer held the launch to config.yaml
+        check_resumable(saved.get("config") or {}, cfg, str(ckpt))
     check_resume_data_seed(ckpt, saved, cfg.data.data_seed)
     before, now = checkpoint_layout(source), run_layout(engine)
     if before == now:

@@ -36,7 +36,7 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)
     # Blending weights, one per path (normalised); None -> proportional to each dataset's size.
     weights: list[float] | None = None
-    split: str = "969,30,1"
+    split: str = "969,30,1"  # train,valid,test shares of the documents (normalised)
     # tokenizer.json (HF) or SentencePiece .model. None -> taken from the `<prefix>.meta.json` written by
     # l2e-prepare-data (or the built tokenizer of the default corpus). Needed for Pythia's published files.
     tokenizer: str | None = None

@@ -28,6 +28,8 @@ class L2EConfig:
     that layer; this many consecutive such steps stop the run with an error naming the layer.
     """
 
+    # none: plain training, nothing attached; l2e: moving-threshold retrieval + L_MS regularizer; memel: the
+    # MEmeL baseline (per-token top-k retrieval, reverse deactivation).
     method: Literal["l2e", "memel", "none"] = "none"
     # "mid2": 0-based L//2-1 and L//2; "mid_third": round(L/3) layers centred in the stack; or an explicit list.
     layers: str | list[int] = "mid2"
@@ -35,20 +37,20 @@ class L2EConfig:
     activation: Literal["post_act", "pre_act"] = "post_act"
     # auto: moving threshold for l2e, per-token top-k for memel.
     retrieval: Literal["auto", "threshold", "topk"] = "auto"
-    inhibit_ratio: float = 0.02
-    topk: int = 1
-    reg_lambda: float = 1e-9
+    inhibit_ratio: float = 0.02  # p: fraction of (token, neuron) pairs selected (paper: 0.01-0.03)
+    topk: int = 1  # retrieval=topk: neurons selected per token
+    reg_lambda: float = 1e-9  # lambda of L_MS = lambda * SUM log((z - mu)^2 + delta) (paper: 1e-9 to 1e-11)
     # sum: the paper's SUM over the global batch; mean: divided by the global token count.
     reduction: Literal["sum", "mean"] = "sum"
-    delta: float = 1e-6
-    eps: float = 0.01
+    delta: float = 1e-6  # keeps log((z - mu)^2 + delta) finite
+    eps: float = 0.01  # score phi = (z - mu)^2 / (var + eps x the layer's mean var)
     # Counted in optimizer steps: statistics and the threshold update once per step.
     forget_steps: int = 10
-    late_start: int | None = None
-    threshold_lr: float = 0.5
-    max_nonfinite_steps: int = 5
-    rd_strength: float = 1.0
-    fkr: bool = False
+    late_start: int | None = None  # steps merged before scoring starts; None: forget_steps
+    threshold_lr: float = 0.5  # fraction of the way (log space) tau moves to the step's quantile (ours)
+    max_nonfinite_steps: int = 5  # consecutive NaN/inf steps in a layer that stop the run (ours)
+    rd_strength: float = 1.0  # memel: reverse deactivation scale (gradient x -rd_strength)
+    fkr: bool = False  # report the False Killing Rate online (needs per-document feature labels)
     num_features: int = 0  # 0: the number of feature labels of the data (the trainer fills it in)
     # Held-out check reported at validation: fraction of (token, neuron) pairs of the inhibited layers whose score
     # (with the run's own statistics) is >= this FIXED value, comparable across runs (L2E on/off).

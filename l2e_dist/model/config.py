@@ -11,15 +11,15 @@ from l2e_dist.config_utils import ConfigError
 
 @dataclass
 class ModelConfig:
-    num_layers: int = 6
-    hidden_size: int = 512
-    num_attention_heads: int = 8
+    num_layers: int = 6  # transformer layers
+    hidden_size: int = 512  # model width
+    num_attention_heads: int = 8  # must divide hidden_size (and be divisible by the TP size)
     intermediate_size: int | None = None  # None -> 4 x hidden_size (Pythia)
     vocab_size: int | None = None  # None -> taken from the tokenizer of the data
-    max_position_embeddings: int = 2048
+    max_position_embeddings: int = 2048  # longest sequence (train.seq_length <= this)
     rotary_pct: float = 0.25  # fraction of each head's dims that get rotary embeddings
-    rotary_base: int = 10000
-    layernorm_eps: float = 1e-5
+    rotary_base: int = 10000  # RoPE base frequency
+    layernorm_eps: float = 1e-5  # epsilon of every LayerNorm
     gelu_approximate: Literal["tanh", "none"] = "tanh"  # Pythia trained with the tanh approximation
     use_parallel_residual: bool = True  # x + attn(ln1(x)) + mlp(ln2(x))
     make_vocab_size_divisible_by: int = 128  # times the TP size, as in Megatron/GPT-NeoX

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass
 
-from l2e_dist.config import RunConfig, validate_world
+from l2e_dist.config import RunConfig, default_output_dir, validate_world
 from l2e_dist.config_utils import ConfigError
 from l2e_dist.data import Datasets
 from l2e_dist.parallel.batching import accumulation_steps
@@ -71,6 +71,8 @@ def resolve_run(cfg: RunConfig, world_size: int, datasets: Datasets) -> Resolved
     """The resolved run of `cfg` launched on `world_size` processes over `datasets`."""
     dp_size = validate_world(cfg, world_size)
     resolved = copy.deepcopy(cfg)
+    if resolved.train.output_dir is None:  # a config not read by load_config (which names it after the file)
+        resolved.train.output_dir = default_output_dir("default", cfg.l2e.method)
     resolved.model.vocab_size = resolve_vocab_size(cfg, datasets.vocab_size)
     resolved.l2e.num_features = resolve_num_features(cfg, datasets)
     resolved.data.data_seed = datasets.data_seed

@@ -47,6 +47,7 @@ from l2e_dist.training.prefetch import prefetch_to_device
 from l2e_dist.training.progress import human_count
 from l2e_dist.training.resolved import ResolvedRun, resolve_run
 from l2e_dist.training.run_data import check_run_data, first_step, run_batches
+from l2e_dist.training.run_dir import open_run_dir
 from l2e_dist.training.run_lock import hold_run_directory
 from l2e_dist.training.summary import RunSummary, log_summary
 from l2e_dist.training.throughput import TrainingClock, device_peak_tflops, mfu, tflops_per_device
@@ -199,6 +200,10 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
     run = resolve_run(cfg, layout.world_size, datasets)  # the caller's cfg stays as given
     cfg, dp_size, gas = run.config, run.derived.data_parallel, run.derived.grad_accum_steps
     check_run_data(cfg, datasets)  # file-order data ends; an init_from checkpoint's vocabulary
+    finished = open_run_dir(run, layout.rank)  # refuses another experiment in output_dir; writes config.yaml
+    if finished is not None:
+        log_event(f"already complete at step {finished.step} ({finished.checkpoint})")
+        return TrainResult(finished.step, float("nan"), [], str(cfg.train.output_dir))
 
     seed_everything(cfg.train.seed)  # identical init on every rank and every TP size
     neox = neox_branch(cfg)  # a gpt-neox checkpoint in train.init_from: size and branch_step checked first
