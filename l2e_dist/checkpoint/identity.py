@@ -110,9 +110,10 @@ KEY_RULES: dict[str, Rule] = {
     "train.init_from": _experiment("the initial weights"),
     "train.branch_step": _experiment("the data position and schedule of a branched run"),
     "train.nonfinite_patience": GUARD,
+    "train.lock_heartbeat_s": GUARD,
     **{f"optimizer.{key}": OPTIMIZER for key in (
         "lr", "min_lr_ratio", "warmup_fraction", "decay_style", "betas", "eps", "weight_decay", "grad_clip",
-        "branch_warmup_iters")},
+        "branch_warmup_iters", "schedule")},
     "optimizer.lr_decay_iters": _experiment("the schedule's length (null = train.train_iters)",
                                             effective=_schedule_length),
     "deepspeed.zero_stage": LAYOUT,
@@ -121,7 +122,8 @@ KEY_RULES: dict[str, Rule] = {
     "deepspeed.loss_scale_window": FP16,
     "deepspeed.extra": _free("DeepSpeed's own tuning (what defines the run is refused there)"),
     **{f"data.{key}": DATA for key in (
-        "paths", "weights", "split", "tokenizer", "eod_token", "labels", "order", "order_batch_size", "valid_paths")},
+        "paths", "weights", "split", "tokenizer", "eod_token", "labels", "order", "order_batch_size", "valid_paths",
+        "index_maps", "data_seed")},
     "data.cache_dir": _free("where index caches live"),
     "l2e.method": _experiment("the inhibition method (none, l2e, memel)"),
     **{f"l2e.{key}": L2E for key in (

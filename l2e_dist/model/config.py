@@ -28,7 +28,7 @@ class ModelConfig:
     # Pythia 70m..2.8b: small_init sqrt(2 / (5 h)) + wang_init 2 / (L sqrt(h)); 6.9b and 12b set none, so
     # gpt-neox's defaults applied: normal (init_std) + scaled_normal (init_std / sqrt(2 L)).
     init_method: Literal["small_init", "normal"] = "small_init"
-    output_layer_init_method: Literal["wang_init", "scaled_normal", "normal"] = "wang_init"
+    output_layer_init_method: Literal["wang_init", "scaled_normal", "normal"] = "wang_init"  # see init_method
     init_std: float = 0.02  # gpt-neox init_method_std: used by "normal" and "scaled_normal"
     # Compute only (not an architecture parameter): tokens per chunk of the output projection + cross entropy;
     # the fp32 logits held at once are loss_chunk_tokens x vocab/TP (4096 x 50304 x 4 B = 0.8 GB).
