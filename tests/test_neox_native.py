@@ -167,6 +167,17 @@ def test_convert_from_neox_writes_our_checkpoint_with_optimizer_state(tmp_path):
     for name in masters:  # 512 rows: already a multiple of 128 x 4
         for kind, expected in (("fp32", masters), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
             torch.testing.assert_close(converted.full(name, kind), expected[name], rtol=0, atol=0, msg=name)
+    from transformers import GPTNeoXForCausalLM
+
+    from l2e_dist.checkpoint.convert import export_hf
+
+    hf = GPTNeoXForCausalLM.from_pretrained(str(export_hf(out, tmp_path / "hf-of-converted")))
+    torch.testing.assert_close(hf.gpt_neox.layers[1].attention.query_key_value.weight.detach(),
+                               masters["layers.1.attention.query_key_value.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(hf.gpt_neox.embed_in.weight.detach(), masters["embed_in.weight"], rtol=0, atol=0)
+    to_hf = subprocess.run([sys.executable, "-m", "launcher.convert", "to-hf", str(tmp_path / "global_step10"),
+                            str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert to_hf.returncode == 2 and "l2e-convert from-neox" in to_hf.stderr, to_hf.stderr
     bad = subprocess.run([sys.executable, "-m", "launcher.convert", "from-neox", str(tmp_path / "missing"),
                           str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
