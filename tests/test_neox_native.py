@@ -33,10 +33,10 @@ def _known_state(padded_vocab: int, seed: int = 0) -> tuple[dict, dict, dict]:
     return masters, exp_avg, exp_avg_sq
 
 
-def _write(path, tp: int, dp: int, bucket: int, padded_vocab: int = 512, seed: int = 0):
+def _write(path, tp: int, dp: int, bucket: int, padded_vocab: int = 512, seed: int = 0, iteration: int = ITERATION):
     state = _known_state(padded_vocab, seed)
     layout = write_neox_checkpoint(path, *state, num_layers=LAYERS, num_heads=HEADS, tp=tp, dp=dp, bucket=bucket,
-                                   iteration=ITERATION, skipped_steps=SKIPPED, loss_scaler=SCALER,
+                                   iteration=iteration, skipped_steps=SKIPPED, loss_scaler=SCALER,
                                    max_position_embeddings=32)
     return state, layout
 
@@ -125,6 +125,11 @@ def test_bad_inputs_are_one_line_naming_the_file(tmp_path):
     _write(tmp_path / "other", 2, 2, 5000)
     shutil.copy(tmp_path / "other" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", broken)
     _one_line_error(broken, "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+
+    broken = copy("mixed_steps")  # TP rank 1's engine file of another step
+    _write(tmp_path / "later", 2, 2, 3000, iteration=ITERATION + 1)
+    shutil.copy(tmp_path / "later" / "mp_rank_01_model_states.pt", broken)
+    assert "different steps" in _one_line_error(broken, "mp_rank_01_model_states.pt")
 
     broken = copy("code_in_pickle")  # a pickle that would call os.system on load is refused, not run
     torch.save({"evil": subprocess.Popen}, broken / "mp_rank_00_model_states.pt")
