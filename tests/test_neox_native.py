@@ -47,6 +47,7 @@ def _write(path, tp: int, dp: int, bucket: int, padded_vocab: int = 512, seed: i
 ])  # fmt: skip
 def test_reader_returns_the_written_tensors(tmp_path, tp, dp, bucket, several_intervals):
     from l2e_dist.checkpoint.neox_native import WEIGHT_KIND, NeoxNativeCheckpoint
+    from l2e_dist.model.tp_layout import partition_dim, split_tensor
 
     (masters, exp_avg, exp_avg_sq), layout = _write(tmp_path / "global_step10", tp, dp, bucket)
     assert (max(max(c) for c in layout["intervals"]) > 1) == several_intervals
@@ -57,6 +58,15 @@ def test_reader_returns_the_written_tensors(tmp_path, tp, dp, bucket, several_in
         for kind, expected in (("fp32", masters), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
             torch.testing.assert_close(source.full(name, kind), expected[name], rtol=0, atol=0, msg=f"{name} {kind}")
         torch.testing.assert_close(source.full(name, WEIGHT_KIND), masters[name].half().float(), rtol=0, atol=0)
+    for target in (t for t in (1, 2, 4) if tp % t == 0):  # a target rank reads only the source shards it covers
+        for name in masters:
+            for rank in range(target):
+                sliced = source.tp_slice(name, "exp_avg", target, rank, rows=512)
+                expected = split_tensor(name, exp_avg[name], target, rank)
+                if sliced is not None:
+                    torch.testing.assert_close(sliced, expected, rtol=0, atol=0, msg=f"{name} {target} {rank}")
+                else:
+                    assert partition_dim(name) is None, name
     assert source.optimizer_step().item() == ITERATION - SKIPPED
     assert (source.iteration, source.num_iters) == (ITERATION, ITERATION - SKIPPED)
     assert source.engine_state == {"lr_scheduler": None, "global_steps": ITERATION,
