@@ -33,10 +33,10 @@ def _known_state(padded_vocab: int, seed: int = 0) -> tuple[dict, dict, dict]:
     return masters, exp_avg, exp_avg_sq
 
 
-def _write(path, tp: int, dp: int, bucket: int, padded_vocab: int = 512, seed: int = 0):
+def _write(path, tp: int, dp: int, bucket: int, padded_vocab: int = 512, seed: int = 0, iteration: int = ITERATION):
     state = _known_state(padded_vocab, seed)
     layout = write_neox_checkpoint(path, *state, num_layers=LAYERS, num_heads=HEADS, tp=tp, dp=dp, bucket=bucket,
-                                   iteration=ITERATION, skipped_steps=SKIPPED, loss_scaler=SCALER,
+                                   iteration=iteration, skipped_steps=SKIPPED, loss_scaler=SCALER,
                                    max_position_embeddings=32)
     return state, layout
 
@@ -47,6 +47,7 @@ def _write(path, tp: int, dp: int, bucket: int, padded_vocab: int = 512, seed: i
 ])  # fmt: skip
 def test_reader_returns_the_written_tensors(tmp_path, tp, dp, bucket, several_intervals):
     from l2e_dist.checkpoint.neox_native import WEIGHT_KIND, NeoxNativeCheckpoint
+    from l2e_dist.model.tp_layout import partition_dim, split_tensor
 
     (masters, exp_avg, exp_avg_sq), layout = _write(tmp_path / "global_step10", tp, dp, bucket)
     assert (max(max(c) for c in layout["intervals"]) > 1) == several_intervals
@@ -57,6 +58,15 @@ def test_reader_returns_the_written_tensors(tmp_path, tp, dp, bucket, several_in
         for kind, expected in (("fp32", masters), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
             torch.testing.assert_close(source.full(name, kind), expected[name], rtol=0, atol=0, msg=f"{name} {kind}")
         torch.testing.assert_close(source.full(name, WEIGHT_KIND), masters[name].half().float(), rtol=0, atol=0)
+    for target in (t for t in (1, 2, 4) if tp % t == 0):  # a target rank reads only the source shards it covers
+        for name in masters:
+            for rank in range(target):
+                sliced = source.tp_slice(name, "exp_avg", target, rank, rows=512)
+                expected = split_tensor(name, exp_avg[name], target, rank)
+                if sliced is not None:
+                    torch.testing.assert_close(sliced, expected, rtol=0, atol=0, msg=f"{name} {target} {rank}")
+                else:
+                    assert partition_dim(name) is None, name
     assert source.optimizer_step().item() == ITERATION - SKIPPED
     assert (source.iteration, source.num_iters) == (ITERATION, ITERATION - SKIPPED)
     assert source.engine_state == {"lr_scheduler": None, "global_steps": ITERATION,
@@ -126,6 +136,11 @@ def test_bad_inputs_are_one_line_naming_the_file(tmp_path):
     shutil.copy(tmp_path / "other" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", broken)
     _one_line_error(broken, "zero_pp_rank_1_mp_rank_00_optim_states.pt")
 
+    broken = copy("mixed_steps")  # TP rank 1's engine file of another step
+    _write(tmp_path / "later", 2, 2, 3000, iteration=ITERATION + 1)
+    shutil.copy(tmp_path / "later" / "mp_rank_01_model_states.pt", broken)
+    assert "different steps" in _one_line_error(broken, "mp_rank_01_model_states.pt")
+
     broken = copy("code_in_pickle")  # a pickle that would call os.system on load is refused, not run
     torch.save({"evil": subprocess.Popen}, broken / "mp_rank_00_model_states.pt")
     assert "subprocess.Popen" in _one_line_error(broken, "mp_rank_00_model_states.pt")
@@ -167,6 +182,17 @@ def test_convert_from_neox_writes_our_checkpoint_with_optimizer_state(tmp_path):
     for name in masters:  # 512 rows: already a multiple of 128 x 4
         for kind, expected in (("fp32", masters), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
             torch.testing.assert_close(converted.full(name, kind), expected[name], rtol=0, atol=0, msg=name)
+    from transformers import GPTNeoXForCausalLM
+
+    from l2e_dist.checkpoint.convert import export_hf
+
+    hf = GPTNeoXForCausalLM.from_pretrained(str(export_hf(out, tmp_path / "hf-of-converted")))
+    torch.testing.assert_close(hf.gpt_neox.layers[1].attention.query_key_value.weight.detach(),
+                               masters["layers.1.attention.query_key_value.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(hf.gpt_neox.embed_in.weight.detach(), masters["embed_in.weight"], rtol=0, atol=0)
+    to_hf = subprocess.run([sys.executable, "-m", "launcher.convert", "to-hf", str(tmp_path / "global_step10"),
+                            str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert to_hf.returncode == 2 and "l2e-convert from-neox" in to_hf.stderr, to_hf.stderr
     bad = subprocess.run([sys.executable, "-m", "launcher.convert", "from-neox", str(tmp_path / "missing"),
                           str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -109,6 +109,9 @@ class WeightSource:
             self._weights = None
             self.checkpoint = None
             return
+        if is_neox_native(self.path):
+            raise CheckpointError(f"{self.path} is a native gpt-neox checkpoint: convert it first with `l2e-convert "
+                                  f"from-neox {self.path} OUT --tp N` (train.init_from reads it directly)")
         self.checkpoint_dir = resolve_checkpoint(self.path)
         self.checkpoint = DeepSpeedCheckpoint(self.checkpoint_dir)
         self.run_config = self.checkpoint.client_state.get("config") or {}

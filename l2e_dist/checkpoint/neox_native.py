@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 
-from l2e_dist.checkpoint.compat import resize_vocab_rows
+from l2e_dist.checkpoint.compat import VOCAB_ROW_TENSORS, resize_vocab_rows
 from l2e_dist.checkpoint.ds_files import OPTIMIZER_KINDS, CheckpointFormatError, DeepSpeedCheckpoint
 from l2e_dist.checkpoint.manifest import CheckpointError
 from l2e_dist.model.config import ModelConfig
-from l2e_dist.model.tp_layout import split_tensor
+from l2e_dist.model.tp_layout import merge_shards, partition_dim, split_tensor
 
 NEOX_FORMAT = "gpt-neox-native"  # client_state["format"] of this reader
 WEIGHT_KIND = "weight"  # full(name, WEIGHT_KIND): the training-dtype weights of the layer files (as fp32)
@@ -363,10 +363,27 @@ class NeoxNativeCheckpoint(DeepSpeedCheckpoint):
 
     # ---------------------------------------------------------------- tensors
     def full(self, name: str, kind: str = "fp32") -> torch.Tensor:
-        if (name, kind) != self._open_for:  # release the mapped ZeRO files (and their touched pages) of the last
-            self._open_zero.clear()  # tensor: a rank's mapped pages stay within one tensor's
-            self._open_for = (name, kind)
+        self._release_unless(name, kind)  # a rank's mapped pages stay within one tensor's
         return super().full(name, kind)
+
+    def tp_slice(self, name: str, kind: str, tp_size: int, tp_rank: int, rows: int) -> torch.Tensor | None:
+        """Target TP rank `tp_rank`'s slice of a TP-split parameter read from only the source shards it covers,
+        when the source's TP size is a multiple of the target's (and vocabulary matrices keep their row count);
+        None otherwise (the caller merges the full tensor)."""
+        dim = partition_dim(name)
+        if dim is None or self.tp_size % tp_size:
+            return None
+        if name in VOCAB_ROW_TENSORS and self.local_shape(name)[0] * self.tp_size != rows:
+            return None
+        self._release_unless(name, kind)
+        per_rank = self.tp_size // tp_size
+        return merge_shards(name, [self.local(name, kind, t) for t in range(tp_rank * per_rank, (tp_rank + 1) * per_rank)])
+
+    def _release_unless(self, name: str, kind: str) -> None:
+        """Release the mapped ZeRO files (and their touched pages) unless they belong to this tensor."""
+        if (name, kind) != self._open_for:
+            self._open_zero.clear()
+            self._open_for = (name, kind)
 
     def local(self, name: str, kind: str, tp: int) -> torch.Tensor:
         """TP rank `tp`'s tensor (fp32 copy): from the layer file (WEIGHT_KIND) or gathered over the ZeRO pieces."""
@@ -430,8 +447,10 @@ def load_neox_weights(model: torch.nn.Module, path: str | Path, tp_rank: int, tp
     rows, vocab = int(model.padded_vocab_size), int(model.cfg.vocab_size or 0)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            full = resize_vocab_rows(name, source.full(name, WEIGHT_KIND), rows, vocab)
-            local = split_tensor(name, full, tp_size, tp_rank)
+            local = source.tp_slice(name, WEIGHT_KIND, tp_size, tp_rank, rows)
+            if local is None:
+                local = split_tensor(name, resize_vocab_rows(name, source.full(name, WEIGHT_KIND), rows, vocab),
+                                     tp_size, tp_rank)
             if local.shape != param.shape:
                 raise CheckpointError(f"train.init_from={path}: {name} has shape {tuple(local.shape)} on TP rank "
                                       f"{tp_rank}, the model expects {tuple(param.shape)}: use the config of that "

@@ -51,6 +51,9 @@ def load_resharded(engine, source: DeepSpeedCheckpoint, real_vocab: int) -> None
         raise ReshardError(f"{source.directory} lacks parameters {missing[:3]} of this model")
 
     def local(name: str, kind: str) -> torch.Tensor:
+        tp_slice = getattr(source, "tp_slice", None)  # a source that can read just this rank's slice
+        if tp_slice is not None and (sliced := tp_slice(name, kind, tp_size, tp_rank, rows)) is not None:
+            return sliced
         full = resize_vocab_rows(name, source.full(name, kind), rows, real_vocab)
         return split_tensor(name, full, tp_size, tp_rank)
 
