@@ -364,11 +364,13 @@ def race_for_lock(out: Path, takers: int) -> tuple[list, list]:
 
 
 def test_racing_takers_leave_exactly_one_holder(tmp_path, exited_pid):
-    for dead_lock in (False, True, True, True):  # a free directory, then a dead run's lock
+    # a free directory, then a dead run's lock, many times: a takeover that moved the live lock aside for a
+    # moment once let a third taker in (two holders): the old code failed this every run
+    for dead_lock in (False, *[True] * 25):
         if dead_lock:
             write_holder(tmp_path, pid=exited_pid, pid_start_ticks=None)
-        won, refused = race_for_lock(tmp_path, 6)
-        assert len(won) == 1 and len(refused) == 5, (won, refused)
+        won, refused = race_for_lock(tmp_path, 8)
+        assert len(won) == 1 and len(refused) == 7, (won, refused)
         assert read_lock(tmp_path / LOCK_NAME)[0]["token"] == won[0].token
         won[0].release()
         assert os.listdir(tmp_path) == []

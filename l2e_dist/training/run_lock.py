@@ -39,6 +39,8 @@ LOCK_NAME = ".run.lock"
 STALE_AFTER_BEATS = 4
 LOST_LOCK_EXIT = 1
 _ATTEMPTS = 8
+_RETRY_S = 0.05
+TAKEOVER_GUARD_STALE_S = 60.0
 
 
 class RunDirectoryBusy(UserError, RuntimeError):
@@ -133,7 +135,7 @@ def describe_holder(holder: dict[str, Any], now: float) -> str:
 
 def _create_exclusive(path: Path, record: dict[str, Any]) -> bool:
     """Create `path` holding `record` iff it does not exist (link of a complete file: atomic, NFS-safe)."""
-    tmp = path.with_name(f"{LOCK_NAME}.new-{record['token']}")
+    tmp = path.with_name(f"{path.name}.new-{record['token']}")
     try:
         atomic_write_json(tmp, record)
         try:
@@ -148,22 +150,34 @@ def _create_exclusive(path: Path, record: dict[str, Any]) -> bool:
     return won
 
 
-def _remove_dead_lock(path: Path, judged: bytes, token: str) -> None:
-    """Remove the lock file only if it is still the very one judged dead (a concurrent taker may have
-    replaced it, or its holder refreshed it): move it aside, compare, put back anything else."""
-    aside = path.with_name(f"{LOCK_NAME}.dead-{token}")
+def _replace_dead_lock(path: Path, judged: bytes, record: dict[str, Any]) -> bool:
+    """Put `record` in place of the lock judged dead, only if the file is still that very one. Takers of one
+    dead lock serialize on a second file (`.run.lock.takeover`, created like the lock itself), and the swap is
+    one atomic replace: a live lock is never moved aside, so no window opens in which a third run could take
+    the directory while another taker believes it holds it."""
+    guard = path.with_name(f"{LOCK_NAME}.takeover")
+    if not _create_exclusive(guard, record):
+        _clear_abandoned_guard(guard)
+        return False
     try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return
-    try:
-        if aside.read_bytes() != judged:
-            try:
-                os.link(aside, path)
-            except FileExistsError:  # its holder rewrote it meanwhile: theirs is the newer one
-                pass
+        _, raw = read_lock(path)
+        if raw != judged:  # refreshed, released or already taken over: judge again
+            return False
+        atomic_write_json(path, record)
+        fsync_path(path.parent)
+        return True
     finally:
-        aside.unlink(missing_ok=True)
+        guard.unlink(missing_ok=True)
+
+
+def _clear_abandoned_guard(guard: Path) -> None:
+    """A taker that died between creating the takeover guard and removing it (a few file operations) would block
+    every later takeover: a guard older than TAKEOVER_GUARD_STALE_S is removed."""
+    try:
+        if time.time() - guard.stat().st_mtime > TAKEOVER_GUARD_STALE_S:
+            guard.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
 
 
 class RunLock:
@@ -225,12 +239,9 @@ def acquire(output_dir: str | Path, heartbeat_s: float, log: Callable[[str], Non
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
     me = this_process(heartbeat_s)
-    taken_from: str | None = None
     for _ in range(_ATTEMPTS):
         me["started"] = me["heartbeat"] = time.time()
         if _create_exclusive(path, me):
-            if taken_from:
-                log(f"l2e-dist: took over the run lock {path} from {taken_from}")
             return RunLock(path, me)
         holder, raw = read_lock(path)
         if raw is None:
@@ -259,8 +270,10 @@ def acquire(output_dir: str | Path, heartbeat_s: float, log: Callable[[str], Non
                     f"{path}): wait for it to finish, stop it ({stop}), or set another train.output_dir"
                 )
             who = describe_holder(holder, now)
-        taken_from = f"{who}: {reason}"
-        _remove_dead_lock(path, raw, me["token"])
+        if _replace_dead_lock(path, raw, me):
+            log(f"l2e-dist: took over the run lock {path} from {who}: {reason}")
+            return RunLock(path, me)
+        time.sleep(_RETRY_S)  # another taker is swapping it: its lock is then the live one to judge
     raise RunDirectoryBusy(
         f"could not take the run lock {path}: other runs keep taking it; start one run per train.output_dir"
     )
