@@ -16,7 +16,7 @@ from l2e_dist.console import log_event
 from l2e_dist.training.metrics import WANDB_ID_FILE
 from l2e_dist.training.progress import duration, human_count
 
-EXAMPLE_TASKS = "lambada_openai piqa arc_easy"  # Pythia's zero-shot suite, in part
+EXAMPLE_TASKS = "lambada_openai,piqa,arc_easy"  # Pythia's zero-shot suite, in part
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,11 @@ def summary_lines(summary: RunSummary, wall_s: float) -> list[str]:
     run, hf = shlex.quote(str(out)), shlex.quote(str(out / "hf"))
     if latest.is_file():
         lines.append(f"next: l2e-convert to-hf {run} {hf}")
-        lines.append(f"next: l2e-eval {hf} --tasks {EXAMPLE_TASKS} --out {shlex.quote(str(out / 'eval.json'))}")
+        lines.append(f"next: l2e-eval {run} --tasks {EXAMPLE_TASKS} --out {shlex.quote(str(out / 'eval'))}"
+                     "   # every snapshot, or the latest checkpoint (docs/evaluation.md)")
     if snapshots:
-        lines.append(f"next: l2e-convert to-hf {run} {shlex.quote(str(out / 'hf-steps'))} --all   "
-                     "(one HF directory per snapshot)")
+        lines.append(f"next: l2e-convert to-hf {run} {shlex.quote(str(out / 'hf-repo'))} --all --git --dtype float16"
+                     "   # a stepN branch per snapshot, as Pythia publishes (docs/publishing.md)")
     return lines
 
 
