@@ -19,8 +19,8 @@ from l2e_dist.errors import UserError, debug_requested, environment_error_messag
 
 # Before torch is imported (torch reads it once): host allocations of 2 MiB and more are 2 MiB-aligned and
 # madvise'd as transparent huge pages. A fresh large buffer (the dense embedding gradient, 100 MB at Pythia's
-# vocabulary) then costs ~50x fewer page faults: measured 38 -> 7.5 ms per 50304x512 fp32 zeros on CPU. Only
-# host memory is affected; set THP_MEM_ALLOC_ENABLE=0 to opt out.
+# vocabulary) then takes far fewer page faults (docs/benchmarks.md, "Host memory"). Only host memory is
+# affected; set THP_MEM_ALLOC_ENABLE=0 to opt out.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 USER_ERROR_EXIT = 2

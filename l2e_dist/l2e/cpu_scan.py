@@ -3,9 +3,9 @@
 The compact (CPU) path of a selecting step makes, per inhibited layer and micro-batch: d = z - mu, the column
 sums of d and d^2, phi = d^2 * inv_denom, the counts of phi >= tau/r and phi >= tau*r, and the flat indices
 (with d) of phi >= tau; with top-1 retrieval (MEmeL's default, TP = 1) the indices of each token's largest
-phi instead of the threshold's. In eager torch/numpy that is about ten passes over an activation-sized buffer; on a
-2-core AMD EPYC VM at the tiny shape (1024 tokens x 512 neurons) they took 2.4 ms per layer, the largest part
-of L2E's cost there. This kernel does it in one pass over z with no activation-sized temporary.
+phi instead of the threshold's. In eager torch/numpy that is about ten passes over an activation-sized buffer,
+the largest part of L2E's CPU cost (docs/benchmarks.md). This kernel does it in one pass over z with no
+activation-sized temporary.
 
 It gives the eager path's selection exactly: d, d^2 and phi are the same fp32 operations in the same order
 (no FMA contraction), and the bracket numbers are compared in fp32 as numpy compares a float32 array with a

@@ -3,16 +3,13 @@
 PyTorch's CPU allocator is plain malloc/free. With glibc's defaults every buffer above the (dynamic) mmap
 threshold is a fresh mmap, and with THP_MEM_ALLOC_ENABLE=1 (launcher/__init__.py) every buffer of 2 MiB and
 more is: freeing it unmaps it, so the next step's activation, logits chunk or gradient of that size page-faults
-all its memory in again. Measured on a 2-core VM: a 2 MiB fp32 buffer allocated, filled and freed costs
-1.65 ms (513 faults) instead of 0.11 ms; the tiny config's training step took ~520 page faults and 4 ms of
-system time, 0 and 1.9 ms with this setting.
+all its memory in again, every step (the figures: docs/benchmarks.md, "Host memory").
 
 A training step allocates the same sizes every step, so keeping freed memory for reuse is what a caching
 allocator (the CUDA one, jemalloc, tcmalloc) does: buffers up to 32 MiB come from the heap (M_MMAP_THRESHOLD,
 glibc's largest; it also stops the threshold's own growth), and the heap's free top is not trimmed
 (M_TRIM_THRESHOLD). Larger buffers (a Pythia-vocabulary embedding gradient: 100 MB) stay mmapped, with THP's
-2 MiB pages: in the heap their slightly different sizes fragmented it (no mmap at all: peak RSS at the
-pythia-70m bench shape +150 to +570 MiB, 32 MiB: +30 to +90 MiB, against 1.2 GB without the setting). The price
+2 MiB pages: in the heap their slightly different sizes fragmented it (peak RSS grew by hundreds of MiB). The price
 is that the process's resident size stays near its peak; that is why it is applied on CPU runs only (on a GPU the
 step's memory is the CUDA caching allocator's, and host memory is the checkpoint writer's and the data loader's,
 which should be given back).
