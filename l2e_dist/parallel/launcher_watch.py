@@ -51,14 +51,20 @@ def detect_launcher(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
-def _parent_of(pid: int) -> int | None:
-    """The parent PID of `pid` from /proc (None when it is gone or /proc is unavailable)."""
+def proc_stat_field(pid: int, index: int) -> int | None:
+    """Field `index` of /proc/<pid>/stat counted from the state field after "pid (comm)" (1: the parent PID,
+    19: the start time in clock ticks since boot); None when the process is gone or /proc is unavailable."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    return int(stat[stat.rindex(b")") + 2 :].split()[1])  # after "pid (comm) state": ppid
+    return int(stat[stat.rindex(b")") + 2 :].split()[index])
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent PID of `pid` (None when it is gone or /proc is unavailable)."""
+    return proc_stat_field(pid, 1)
 
 
 def _command_line(pid: int) -> str:

@@ -33,7 +33,7 @@ from typing import Any
 
 from l2e_dist.errors import UserError, environment_error_message
 from l2e_dist.fileio import atomic_write_json, fsync_path
-from l2e_dist.parallel.launcher_watch import exit_if_launcher_gone
+from l2e_dist.parallel.launcher_watch import exit_if_launcher_gone, proc_stat_field
 
 LOCK_NAME = ".run.lock"
 STALE_AFTER_BEATS = 4
@@ -49,12 +49,7 @@ class RunDirectoryBusy(UserError, RuntimeError):
 
 def _process_start_ticks(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (/proc), to tell a reused PID from the holder."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    return proc_stat_field(pid, 19)
 
 
 def _pid_alive(pid: int, start_ticks: int | None) -> bool:
