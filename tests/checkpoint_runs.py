@@ -7,6 +7,7 @@ tests/test_checkpoint_resume.py (exact resume, layout changes) and tests/test_co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -71,3 +72,12 @@ def reference_run(layout: str, base: Path, data_cache: str) -> Path:
         assert sorted(read_losses(out / "metrics.jsonl")) == list(range(1, STEPS + 1))
         done.write_text("ok\n")
     return out
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under `root` (directories by their listing)."""
+    digests = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        digests[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests

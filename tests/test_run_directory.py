@@ -10,7 +10,6 @@ requeued and unreadable holders, racing takers, a lost lock, the launcher detect
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -41,7 +40,14 @@ from l2e_dist.training.run_lock import (
     read_lock,
     this_process,
 )
-from tests.checkpoint_runs import STEPS, read_losses, reference_run, run_overrides, torchrun_command
+from tests.checkpoint_runs import (
+    STEPS,
+    read_losses,
+    reference_run,
+    run_overrides,
+    torchrun_command,
+    tree_digest,
+)
 from tests.conftest import ROOT, small_run_overrides
 from tests.distributed import rank_env
 
@@ -132,15 +138,6 @@ def rank_pids(launcher: subprocess.Popen, reaper: set[int], count: int = 2) -> l
         time.sleep(0.1)
     reaper.update(descendants(launcher.pid))
     return ranks
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under `root` (directories by their listing)."""
-    digests = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        digests[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-    return digests
 
 
 # ----------------------------------------------------------------------- (a) ranks end with their launcher

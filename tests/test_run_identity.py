@@ -5,7 +5,6 @@ before and after every refused or finished launch: byte-identical."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import yaml
 
 from l2e_dist.checkpoint.identity import KEY_RULES, RunIdentityError, check_same_experiment, config_keys
 from l2e_dist.config import config_to_dict, load_config
+from tests.checkpoint_runs import tree_digest
 from tests.conftest import ROOT, small_run_overrides
 
 STEPS = 4
@@ -29,11 +29,6 @@ def pretrain_cli(overrides: list[str], *configs: str, cwd: Path = ROOT) -> subpr
         [sys.executable, "-m", "launcher.pretrain", *config_args, *sets], cwd=cwd, capture_output=True, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, timeout=600,
     )  # fmt: skip
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def run_overrides(out: Path, data_cache: str, **extra: object) -> list[str]:
@@ -136,17 +131,17 @@ def finished_run(tmp_path_factory, data_cache) -> Path:
 
 @pytest.mark.slow
 def test_a_finished_run_started_again_trains_nothing(finished_run, data_cache):
-    before = tree_hashes(finished_run)
+    before = tree_digest(finished_run)
     proc = pretrain_cli(run_overrides(finished_run, data_cache, **{"train.micro_batch_size": 4}))  # layout: free
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"already complete at step {STEPS} ({finished_run / 'checkpoints' / f'global_step{STEPS}'})" in proc.stdout
     assert "final loss" not in proc.stdout and "resumed from" not in proc.stdout
-    assert tree_hashes(finished_run) == before
+    assert tree_digest(finished_run) == before
 
 
 @pytest.mark.slow
 def test_another_experiment_is_refused_in_one_line(finished_run, data_cache):
-    before = tree_hashes(finished_run)
+    before = tree_digest(finished_run)
     proc = pretrain_cli(run_overrides(finished_run, data_cache, **{"train.seed": 7, "l2e.method": "memel"}))
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
@@ -154,7 +149,7 @@ def test_another_experiment_is_refused_in_one_line(finished_run, data_cache):
         f"l2e-pretrain: error: {finished_run / 'config.yaml'} holds another experiment (train.seed: 1234 -> 7; "
         "l2e.method: 'l2e' -> 'memel'): resume with the same config, or start a new run with another "
         "train.output_dir (and train.init_from=<its checkpoint> to start from its weights)"], proc.stderr[-3000:]
-    assert tree_hashes(finished_run) == before
+    assert tree_digest(finished_run) == before
     # A run directory from before config.yaml: its checkpoint's config decides.
     (finished_run / "config.yaml").rename(finished_run / "config.yaml.kept")
     try:
@@ -164,7 +159,7 @@ def test_another_experiment_is_refused_in_one_line(finished_run, data_cache):
     assert proc.returncode == 2
     assert f"{finished_run / 'checkpoints' / f'global_step{STEPS}'} holds another experiment (optimizer.lr: " \
            "0.002 -> 0.1)" in proc.stderr, proc.stderr[-3000:]
-    assert tree_hashes(finished_run) == before
+    assert tree_digest(finished_run) == before
 
 
 @pytest.mark.slow
