@@ -181,6 +181,26 @@ def test_ranks_end_with_their_launcher(launcher, tmp_path, data_cache, reaper):
 
 
 # ------------------------------------------------------------- (b) a busy directory, (c) a killed run's lock
+def exit_codes(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 300.0) -> list[int]:
+    """Their exit codes; a process still running after `timeout` is made to print every thread's stack
+    (PYTHONFAULTHANDLER, SIGABRT) and the test fails with each log's end, so a hang says where it hangs."""
+    deadline = time.monotonic() + timeout
+    codes: list[int | None] = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    if None in codes:
+        for proc, code in zip(procs, codes):
+            if code is None:
+                os.kill(proc.pid, signal.SIGABRT)
+                proc.wait()
+        tails = "\n".join(f"--- {log.name} (exit {code}):\n{log.read_text()[-4000:]}" for log, code in zip(logs, codes))
+        pytest.fail(f"still running after {timeout:.0f} s (exit codes {codes}):\n{tails}")
+    return codes
+
+
 @pytest.mark.slow
 def test_busy_directory_is_refused_and_a_killed_runs_lock_is_taken_over(
     tmp_path, tmp_path_factory, data_cache, reaper
@@ -201,12 +221,14 @@ def test_busy_directory_is_refused_and_a_killed_runs_lock_is_taken_over(
     sets = [arg for item in overrides for arg in ("--set", item)]
     cli = [sys.executable, "-m", "launcher.pretrain", "--config", "configs/tiny.yaml", *sets]
     port = free_port()
-    second = [start(cli, tmp_path / f"second-rank{rank}.log", clean_env(**rank_env(rank, 2, port)), reaper)
-              for rank in range(2)]
-    dry_log = tmp_path / "dry.log"
-    dry = start([*cli, "--set", "parallel.tensor_parallel=1", "--dry-run"], dry_log, clean_env(), reaper)
-    assert [p.wait(timeout=300) for p in second] == [2, 2]
-    assert dry.wait(timeout=300) == 0, dry_log.read_text()[-3000:]
+    second_logs = [tmp_path / f"second-rank{rank}.log" for rank in range(2)]
+    second = [start(cli, log, clean_env(PYTHONFAULTHANDLER="1", **rank_env(rank, 2, port)), reaper)
+              for rank, log in enumerate(second_logs)]
+    assert exit_codes(second, second_logs) == [2, 2]
+    dry_log = tmp_path / "dry.log"  # after the second world: its own rendezvous port cannot meet that one's
+    dry = start([*cli, "--set", "parallel.tensor_parallel=1", "--dry-run"], dry_log,
+                clean_env(PYTHONFAULTHANDLER="1"), reaper)
+    assert exit_codes([dry], [dry_log]) == [0], dry_log.read_text()[-3000:]
     assert "dry run OK" in dry_log.read_text()
     errors = [line for rank in range(2) for line in (tmp_path / f"second-rank{rank}.log").read_text().splitlines()
               if "error:" in line]
