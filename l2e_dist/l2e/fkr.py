@@ -14,7 +14,7 @@ from l2e_dist.l2e.reduction import FKR_DEN, FKR_NUM, Slots
 from l2e_dist.l2e.statistics import LayerState
 
 
-def record_features(buf: Tensor, slots: Slots, st: LayerState, feats: Tensor, phi: Tensor, selected: Tensor | None,
+def record_features(buf: Tensor, slots: Slots, state: LayerState, feats: Tensor, phi: Tensor, selected: Tensor | None,
                     num_features: int, neurons: slice, count_tokens: bool) -> None:
     """Add this micro-batch's per-feature score sums (this rank's neuron slice) and FKR counts to `buf`."""
     if feats.numel() != phi.shape[0]:
@@ -25,15 +25,15 @@ def record_features(buf: Tensor, slots: Slots, st: LayerState, feats: Tensor, ph
     region[:, neurons] += one_hot.to(phi.dtype).T @ phi
     if count_tokens:
         buf[slots.feat + nf * width:slots.feat + nf * (width + 1)] += one_hot.sum(0)
-    if selected is not None and st.fkr_ready:
+    if selected is not None and state.fkr_ready:
         known_sel = selected & ((feats >= 0) & (feats < nf))[:, None]
-        wrong = known_sel & (feats[:, None] != st.best_feature[None, neurons])
+        wrong = known_sel & (feats[:, None] != state.best_feature[None, neurons])
         buf[slots.scalar(FKR_NUM)] += wrong.sum()
         buf[slots.scalar(FKR_DEN)] += known_sel.sum()
 
 
-def merge_features(st: LayerState, buf: Tensor, slots: Slots, num_features: int, labelled: bool) -> None:
+def merge_features(state: LayerState, buf: Tensor, slots: Slots, num_features: int, labelled: bool) -> None:
     nf, width = num_features, slots.width
-    st.feat_score = st.feat_score + buf[slots.feat:slots.feat + nf * width].view(nf, width)
-    st.feat_count = st.feat_count + buf[slots.feat + nf * width:slots.feat + nf * (width + 1)]
-    st.fkr_ready = st.fkr_ready or labelled
+    state.feat_score = state.feat_score + buf[slots.feat:slots.feat + nf * width].view(nf, width)
+    state.feat_count = state.feat_count + buf[slots.feat + nf * width:slots.feat + nf * (width + 1)]
+    state.fkr_ready = state.fkr_ready or labelled

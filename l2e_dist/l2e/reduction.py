@@ -1,6 +1,6 @@
 """The fused fp64 buffer that carries one optimizer step's sums of every inhibited layer, and its all-reduce.
 
-Layout per layer: [sum(z - c) (W) | sum((z - c)^2) (W) | scalars | histogram (calibration step only) |
+Layout per layer: [sum(z - mu) (W) | sum((z - mu)^2) (W) | scalars | histogram (calibration step only) |
 per-feature score sums (F x W) and token counts (F) (online FKR only)]. It is full layer width: each TP rank
 adds its own neuron slice (zeros elsewhere) and only TP rank 0 adds the token count, so ONE all_reduce over
 the TP x DP group gives every rank the global sums. The layout depends on host counters only, so it is the
@@ -15,11 +15,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from l2e_dist.l2e.reference import Phase
 from l2e_dist.l2e.threshold import HIST_BINS
 
-# Scalars per layer: token count; #phi >= tau/r, >= tau, >= tau*r (threshold bracket); the regularizer sum
-# SUM log(d^2 + delta); the score sum; FKR numerator and denominator.
-COUNT, N_LO, N_SEL, N_HI, REG, SCORE, FKR_NUM, FKR_DEN = range(8)
+# Scalars per layer: token count; #phi >= tau/r, >= tau, >= tau*r (the counts threshold.py moves tau with);
+# the regularizer sum SUM log(d^2 + delta); the score sum; FKR numerator and denominator.
+TOKENS, N_ABOVE_LOW, N_SELECTED, N_ABOVE_HIGH, REG_SUM, SCORE_SUM, FKR_NUM, FKR_DEN = range(8)
 NUM_SCALARS = 8
 
 
@@ -29,18 +30,18 @@ class Slots:
 
     base: int
     width: int
-    scoring: bool
-    calibrating: bool
-    selecting: bool
-    hist: int = -1
-    feat: int = -1
+    phase: Phase
+    hist: int = -1  # tau's calibration histogram (calibrating step only)
+    feat: int = -1  # online FKR: per-feature score sums and token counts
 
     @property
-    def s1(self) -> slice:
+    def sum_dev(self) -> slice:
+        """sum(z - mu) per neuron."""
         return slice(self.base, self.base + self.width)
 
     @property
-    def s2(self) -> slice:
+    def sum_sq_dev(self) -> slice:
+        """sum((z - mu)^2) per neuron."""
         return slice(self.base + self.width, self.base + 2 * self.width)
 
     @property
@@ -51,13 +52,13 @@ class Slots:
         return self.scalars + which
 
 
-def layout(phases: dict[int, tuple[bool, bool, bool]], width: int, num_features: int) -> tuple[dict[int, Slots], int]:
-    """Slots per layer from its (scoring, calibrating, selecting) phase; returns them and the buffer length."""
+def layout(phases: dict[int, Phase], width: int, num_features: int) -> tuple[dict[int, Slots], int]:
+    """Slots per layer from its phase; returns them and the buffer length."""
     offset, slots = 0, {}
-    for lid, (scoring, calibrating, selecting) in phases.items():
-        s = Slots(base=offset, width=width, scoring=scoring, calibrating=calibrating, selecting=selecting)
+    for lid, phase in phases.items():
+        s = Slots(base=offset, width=width, phase=phase)
         offset += 2 * width + NUM_SCALARS
-        if calibrating:
+        if phase is Phase.CALIBRATING:
             s.hist, offset = offset, offset + HIST_BINS
         if num_features:
             s.feat, offset = offset, offset + num_features * (width + 1)

@@ -30,11 +30,11 @@ class L2EStateError(ValueError):
 
 def save_layer_states(layers: dict[int, LayerState], num_neurons: int) -> dict:
     out = {}
-    for lid, st in layers.items():
-        entry = {key: getattr(st, key).cpu().clone() for key in _TENSORS}
-        entry.update({key: torch.tensor(float(getattr(st, key)), dtype=torch.float64) for key in _NUMBERS})
-        entry.update({key: int(getattr(st, key)) for key in _COUNTERS})
-        entry.update({key: bool(getattr(st, key)) for key in _FLAGS})
+    for lid, state in layers.items():
+        entry = {key: getattr(state, key).cpu().clone() for key in _TENSORS}
+        entry.update({key: torch.tensor(float(getattr(state, key)), dtype=torch.float64) for key in _NUMBERS})
+        entry.update({key: int(getattr(state, key)) for key in _COUNTERS})
+        entry.update({key: bool(getattr(state, key)) for key in _FLAGS})
         out[lid] = entry
     return {"format": FORMAT, "step_unit": "optimizer_step", "num_neurons": num_neurons, "layers": out}
 

@@ -44,37 +44,37 @@ class LayerState:
 
 def fresh_state(width: int, num_features: int, device: torch.device) -> LayerState:
     f64 = dict(dtype=torch.float64, device=device)
-    st = LayerState(mean=torch.zeros(width, **f64), var=torch.zeros(width, **f64), num_obs=0.0, tau=1.0,
+    state = LayerState(mean=torch.zeros(width, **f64), var=torch.zeros(width, **f64), num_obs=0.0, tau=1.0,
                     half_width=INITIAL_HALF_WIDTH, feat_score=torch.zeros(num_features, width, **f64),
                     feat_count=torch.zeros(num_features, **f64))
-    refresh_derived(st, eps=0.0)
-    return st
+    refresh_derived(state, eps=0.0)
+    return state
 
 
-def refresh_derived(st: LayerState, eps: float) -> None:
+def refresh_derived(state: LayerState, eps: float) -> None:
     """Scoring quantities: 1 / (var_j + eps * mean_k var_k), the per-neuron bound on (z - mu)^2, l*_j for FKR."""
-    denom = (st.var + eps * st.var.mean()).clamp_min(MIN_DENOM)
-    st.inv_denom = 1.0 / denom
-    st.bound = st.tau * denom
-    if st.feat_count.numel():
-        mean_score = st.feat_score / st.feat_count.clamp_min(1.0)[:, None]
-        mean_score = torch.where(st.feat_count[:, None] > 0, mean_score, -math.inf)
-        st.best_feature = mean_score.argmax(dim=0)
+    denom = (state.var + eps * state.var.mean()).clamp_min(MIN_DENOM)
+    state.inv_denom = 1.0 / denom
+    state.bound = state.tau * denom
+    if state.feat_count.numel():
+        mean_score = state.feat_score / state.feat_count.clamp_min(1.0)[:, None]
+        mean_score = torch.where(state.feat_count[:, None] > 0, mean_score, -math.inf)
+        state.best_feature = mean_score.argmax(dim=0)
 
 
-def merge_step(st: LayerState, count: float, shifted_sum: Tensor, shifted_sq_sum: Tensor, shift: Tensor,
+def merge_step(state: LayerState, count: float, shifted_sum: Tensor, shifted_sq_sum: Tensor, shift: Tensor,
                forget_steps: int) -> None:
     """Exact MEmeL merge (Lemma 3.2) of one step's batch of `count` tokens, given its sums around `shift`, into
-    `st` (the counts are host numbers, the moments fp64 tensors)."""
+    `state` (the counts are host numbers, the moments fp64 tensors)."""
     b = count
     batch_dev = shifted_sum / b
     batch_mean = shift + batch_dev
     batch_var = (shifted_sq_sum / b - batch_dev * batch_dev).clamp_min(0.0)
-    m = forget_steps * b if st.n_merged >= forget_steps else st.num_obs
+    m = forget_steps * b if state.n_merged >= forget_steps else state.num_obs
     n = m + b
-    diff = st.mean - batch_mean
-    new_mean = (m * st.mean + b * batch_mean) / n
+    diff = state.mean - batch_mean
+    new_mean = (m * state.mean + b * batch_mean) / n
     n1 = max(n - 1.0, 1.0)
-    new_var = m * b * diff * diff / (n1 * n) + (b * batch_var + (m - 1.0) * st.var) / n1
-    st.mean, st.var, st.num_obs = new_mean, new_var.clamp_min(0.0), n
-    st.n_merged += 1
+    new_var = m * b * diff * diff / (n1 * n) + (b * batch_var + (m - 1.0) * state.var) / n1
+    state.mean, state.var, state.num_obs = new_mean, new_var.clamp_min(0.0), n
+    state.n_merged += 1
