@@ -398,8 +398,9 @@ def test_late_start_at_or_beyond_train_iters_is_a_config_error_naming_the_key():
         load_config(tiny, ["l2e.max_nonfinite_steps=0"])
 
 
-def _shipped_lambda_gradient(overlay: str | None) -> tuple[float, float]:
-    """(lambda, L1 norm of the regularizer's weight gradient) on the shipped tiny model, in a 1-rank world."""
+def _shipped_lambda_gradient(overlay: str | None) -> tuple[float, float, float, int]:
+    """(lambda, L1 norm of the regularizer's weight gradient, the same norm computed here from the formula, the
+    number of selected pairs) on the shipped tiny model, in a 1-rank world."""
     import torch.distributed as dist
 
     from l2e_dist.l2e import attach
@@ -412,7 +413,7 @@ def _shipped_lambda_gradient(overlay: str | None) -> tuple[float, float]:
         paths = [str(ROOT / "configs" / "tiny.yaml")] + ([str(ROOT / overlay)] if overlay else [])
         # with the overlay (which sets no level of its own), the paper's smallest lambda (pythia-70m's)
         cfg = load_config(paths, ["model.vocab_size=256"] + (["l2e.reg_lambda=1e-9"] if overlay else []))
-        assert cfg.l2e.method == "l2e"
+        assert cfg.l2e.method == "l2e" and cfg.l2e.uses_threshold
         torch.manual_seed(0)
         model = GPTNeoX(cfg.model)
         layers = cfg.l2e.resolve_layers(cfg.model.num_layers)
@@ -424,23 +425,49 @@ def _shipped_lambda_gradient(overlay: str | None) -> tuple[float, float]:
             model(tokens[:, :-1], tokens[:, 1:])
             inh.finish_micro_batch()
             inh.end_step()
-        model.zero_grad()
+        state = inh.state_dict()["layers"]
+        activations = {}  # each probe's input z, in the graph
+        for lid in layers:
+            probes[lid].register_forward_pre_hook(lambda module, args, lid=lid: activations.__setitem__(lid, args[0]))
         model(tokens[:, :-1], tokens[:, 1:])
         reg = inh.regularization_loss()
         assert reg.requires_grad
-        reg.backward()
+        params = list(model.parameters())
+        engine_grads = torch.autograd.grad(reg, params, retain_graph=True, allow_unused=True)
+        # The formula: lambda x SUM over the pairs with phi >= tau of log((z - mu)^2 + delta), mu and the score's
+        # denominator from the state before the step, scored in fp32 as the engine scores fp32 activations.
+        formula, selected = 0.0, 0
+        for lid in layers:
+            z, layer_state = activations[lid].reshape(-1, cfg.model.ffn_size), state[lid]
+            var = layer_state["var"]
+            inv_denom = (1.0 / (var + cfg.l2e.eps * var.mean())).float()
+            dev = z - layer_state["mean"].float()
+            phi = dev.detach() * dev.detach() * inv_denom
+            chosen = phi >= float(layer_state["tau"])
+            formula = formula + torch.log(dev * dev + cfg.l2e.delta)[chosen].sum()
+            selected += int(chosen.sum())
+        scale = cfg.l2e.reg_lambda if cfg.l2e.reduction == "sum" else cfg.l2e.reg_lambda / tokens[:, :-1].numel()
+        formula_grads = torch.autograd.grad(formula * scale, params, allow_unused=True)
         inh.finish_micro_batch()
         inh.end_step()
-        return cfg.l2e.reg_lambda, sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None)
+
+        def l1(grads) -> float:
+            return sum(float(g.abs().sum()) for g in grads if g is not None)
+
+        return cfg.l2e.reg_lambda, l1(engine_grads), l1(formula_grads), selected
     finally:
         destroy_process_groups()
 
 
 @pytest.mark.parametrize("overlay", [None, "configs/l2e/l2e.yaml"])
-def test_shipped_lambda_gives_a_nonzero_gradient(overlay):
+def test_shipped_lambda_gives_the_formulas_gradient(overlay):
     """The shipped tiny config (lambda 1e-6) and the L2E overlay with pythia-70m's paper lambda 1e-9 on the tiny
-    model: once the layers select, the regularizer's gradient reaches the weights and is non-zero."""
+    model: once the layers select, the regularizer's gradient reaches the weights and equals the gradient of
+    lambda x SUM_selected log((z - mu)^2 + delta) computed here from the state and the activations."""
     from tests.distributed import run_distributed
 
-    lam, grad_l1 = run_distributed(_shipped_lambda_gradient, 1, overlay)[0]
-    assert lam == (1e-9 if overlay else 1e-6) and grad_l1 > 0.0
+    lam, grad_l1, formula_l1, selected = run_distributed(_shipped_lambda_gradient, 1, overlay)[0]
+    assert lam == (1e-9 if overlay else 1e-6)
+    # about 2% of 2 layers x 64 tokens x 512 neurons
+    assert 0.01 * 2 * 64 * 512 < selected < 0.04 * 2 * 64 * 512
+    assert formula_l1 > 0.0 and grad_l1 == pytest.approx(formula_l1, rel=1e-5)

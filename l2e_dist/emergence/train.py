@@ -13,7 +13,7 @@ from l2e_dist.emergence.network import SkillMLP, skill_strength
 from l2e_dist.emergence.skill_model import Axis
 from l2e_dist.emergence.tasks import Batch, FixedDataset, SparseParityTasks
 from l2e_dist.l2e.hooks import attach
-from l2e_dist.l2e.inhibitor import L2EInhibitor
+from l2e_dist.l2e.inhibitor import L2EInhibitor, MicroBatch
 
 
 @dataclass(frozen=True)
@@ -102,14 +102,12 @@ def train_run(cfg: EmergenceConfig, spec: RunSpec) -> RunRecord:
             batch = dataset.next_batch(settings.batch_size, data_gen)
         else:
             batch = tasks.sample(settings.batch_size, data_gen)
-        loss = torch.nn.functional.mse_loss(model(batch.x), batch.y)
+        with MicroBatch(inhibitor, None) as l2e:
+            loss = torch.nn.functional.mse_loss(model(batch.x), batch.y) + l2e.loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         if inhibitor is not None:
-            loss = loss + inhibitor.regularization_loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if inhibitor is not None:
-            inhibitor.finish_micro_batch()
             inhibitor.end_step()
         elapsed_lr += lr
 

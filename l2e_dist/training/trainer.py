@@ -28,6 +28,7 @@ from l2e_dist.data import build_datasets, prepare_default_corpus
 from l2e_dist.l2e.hooks import ScoreMeter
 from l2e_dist.l2e.hooks import attach as attach_l2e
 from l2e_dist.l2e.inhibitor import L2EInhibitor
+from l2e_dist.l2e.inhibitor import MicroBatch as L2EMicroBatch
 from l2e_dist.model.gpt_neox import GPTNeoX
 from l2e_dist.parallel.launcher_watch import watch_launcher
 from l2e_dist.parallel.state import (
@@ -269,9 +270,8 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
         micro_batches = next(batches)  # already on the device (prefetched one step ahead)
         step_loss.zero_()
         for micro in micro_batches:
-            if inhibitor is not None:
-                inhibitor.set_features(micro["features"][:, :-1] if cfg.l2e.fkr else None)
-            lm_loss = train_micro_batch(engine, inhibitor, micro["tokens"])
+            features = micro["features"][:, :-1] if cfg.l2e.fkr else None
+            lm_loss = train_micro_batch(engine, inhibitor, micro["tokens"], features)
             step_loss += lm_loss.detach().double() / gas
         end_l2e_step(engine, inhibitor, step)
         # One scalar all_reduce per step: every rank sees the same mean loss, so all stop together.
@@ -362,15 +362,18 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
     )
 
 
-def train_micro_batch(engine, inhibitor: L2EInhibitor | None, tokens: torch.Tensor) -> torch.Tensor:
-    """Forward, LM loss + L2E regularizer, backward, engine step (DeepSpeed applies the optimizer only at the
-    gradient-accumulation boundary). L2E sums accumulate until end_l2e_step. Returns the mean LM loss."""
-    lm_loss = engine(tokens[:, :-1], tokens[:, 1:], reduction="mean")
-    loss = lm_loss + inhibitor.regularization_loss() if inhibitor is not None else lm_loss
-    engine.backward(loss)
-    engine.step()
-    if inhibitor is not None:
-        inhibitor.finish_micro_batch()
+def train_micro_batch(
+    engine, inhibitor: L2EInhibitor | None, tokens: torch.Tensor, features: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Forward, LM loss + L2E loss, backward, engine step (DeepSpeed applies the optimizer only at the
+    gradient-accumulation boundary). The L2E micro-batch context takes the FKR labels `features`, hands out the
+    L2E loss of this forward and closes the micro-batch; its sums accumulate until end_l2e_step. Returns the
+    mean LM loss."""
+    with L2EMicroBatch(inhibitor, features) as l2e:
+        lm_loss = engine(tokens[:, :-1], tokens[:, 1:], reduction="mean")
+        loss = lm_loss + l2e.loss()
+        engine.backward(loss)
+        engine.step()
     return lm_loss
 
 
