@@ -64,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         shape = (cfg.train.global_batch_size, cfg.train.seq_length + 1)
         for _ in range(args.steps):
             tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=gen)
-            loss = model(tokens[:, :-1], tokens[:, 1:]).mean() + inh.regularization_loss()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            inh.finish_micro_batch()
+            with inh.micro_batch() as l2e:
+                loss = model(tokens[:, :-1], tokens[:, 1:]).mean() + l2e.loss()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
             inh.end_step()
         tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=gen)
         lm = model(tokens[:, :-1], tokens[:, 1:]).mean()

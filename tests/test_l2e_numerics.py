@@ -11,8 +11,8 @@ import torch
 from l2e_dist.config import load_config
 from l2e_dist.config_utils import ConfigError, build
 from l2e_dist.l2e import L2EConfig, L2EInhibitor, cpu_scan
-from l2e_dist.l2e.merge import NonFiniteActivations
 from l2e_dist.l2e.state_io import L2EStateError
+from l2e_dist.l2e.step_sums import NonFiniteActivations
 from l2e_dist.l2e.threshold import (
     HIST_BIN_WIDTH,
     INITIAL_HALF_WIDTH,

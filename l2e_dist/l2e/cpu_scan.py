@@ -1,11 +1,12 @@
-"""The CPU selecting scan as one fused loop (a small C++ kernel built on first use, the eager path kept).
+"""The CPU backend's selecting pass as one fused loop (a small C++ kernel built on first use; cpu_backend.py keeps
+the eager form for everything else).
 
-The compact (CPU) path of a selecting step makes, per inhibited layer and micro-batch: d = z - mu, the column
+The CPU backend's selecting pass makes, per inhibited layer and micro-batch: d = z - mu, the column
 sums of d and d^2, phi = d^2 * inv_denom, the counts of phi >= tau/r and phi >= tau*r, and the flat indices
 (with d) of phi >= tau; with top-1 retrieval (MEmeL's default, TP = 1) the indices of each token's largest
 phi instead of the threshold's. In eager torch/numpy that is about ten passes over an activation-sized buffer,
-the largest part of L2E's CPU cost (docs/benchmarks.md). This kernel does it in one pass over z with no
-activation-sized temporary.
+the largest part of L2E's CPU cost (figures in docs/benchmarks.md). This kernel does it in one pass over z with
+no activation-sized temporary.
 
 It gives the eager path's selection exactly: d, d^2 and phi are the same fp32 operations in the same order
 (no FMA contraction), and the bracket numbers are compared in fp32 as numpy compares a float32 array with a
@@ -14,7 +15,7 @@ they agree to fp32 rounding, not bitwise. tests/test_l2e_numerics.py checks both
 
 Built with torch.utils.cpp_extension (g++ and ninja, both DeepSpeed requirements) into
 ~/.cache/torch_extensions/l2e/ (or $TORCH_EXTENSIONS_DIR) under a name hashed from its source, flags and torch
-version, so later processes import the built module directly (0.06 s; load_inline's ninja check took 0.4 s).
+version, so later processes import the built module directly instead of letting load_inline run ninja to check it.
 Without a compiler, or with L2E_CPU_KERNEL=0, the eager path runs.
 """
 
@@ -170,7 +171,7 @@ def _build_name() -> str:
 
 
 def _load_built(name: str, directory: Path):
-    """Import an already built module directly: load_inline would run ninja to check it (~0.4 s a process)."""
+    """Import an already built module directly: load_inline would run ninja to check it in every process."""
     built = directory / f"{name}.so"
     if not built.is_file():
         return None

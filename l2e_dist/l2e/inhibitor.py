@@ -1,13 +1,13 @@
 """The engine: L2E or MEmeL inhibition of a few layers' MLP neurons, driven by the trainer step by step.
 
 What happens to one layer's activations is reference.py (the dense pass, read it first) or its CPU form
-cpu_backend.py; this module keeps the per-layer state, the step's fused sums (reduction.py) and the protocol:
+cpu_backend.py; this module keeps the per-layer state, the step's fused sums (step_sums.py) and the protocol:
 
     for each micro-batch:
         with inhibitor.micro_batch(features) as l2e:   # the forward hooks call apply() per inhibited layer
             loss = lm_loss + l2e.loss()                 # the regularizer, scaled for DeepSpeed's averaging
             backward
-    after the optimizer step: inhibitor.end_step(applied)  # one all_reduce, then merge.py per layer
+    after the optimizer step: inhibitor.end_step(applied)  # one all_reduce, then the merge per layer
 
 It knows nothing of DeepSpeed or megatron: it gets torch.distributed process groups. docs/l2e-method.md ("One
 step of the engine") is the map.
@@ -20,22 +20,22 @@ from types import TracebackType
 import torch
 from torch import Tensor
 
-from l2e_dist.l2e import cpu_scan, fkr, merge, reduction
+from l2e_dist.l2e import cpu_scan, step_sums
 from l2e_dist.l2e.config import L2EConfig
 from l2e_dist.l2e.cpu_backend import Scratch, cpu_pass, kernel_serves
-from l2e_dist.l2e.merge import NUM_METRICS
-from l2e_dist.l2e.reduction import (
+from l2e_dist.l2e.reference import LayerPass, MethodSettings, PassSums, Phase, StepConstants, dense_pass
+from l2e_dist.l2e.state_io import load_layer_states, save_layer_states
+from l2e_dist.l2e.statistics import LayerState, fresh_state, refresh_derived
+from l2e_dist.l2e.step_sums import (
     N_ABOVE_HIGH,
     N_ABOVE_LOW,
     N_SELECTED,
+    NUM_METRICS,
     REG_SUM,
     SCORE_SUM,
     TOKENS,
     Slots,
 )
-from l2e_dist.l2e.reference import LayerPass, MethodSettings, PassSums, Phase, StepConstants, dense_pass
-from l2e_dist.l2e.state_io import load_layer_states, save_layer_states
-from l2e_dist.l2e.statistics import LayerState, fresh_state, refresh_derived
 from l2e_dist.l2e.threshold import HIST_BINS, histogram_counts
 
 BACKENDS = ("auto", "dense", "cpu")  # auto: "cpu" for CPU activations, "dense" elsewhere
@@ -126,7 +126,7 @@ class L2EInhibitor:
         self._metric_sums = [[0.0] * NUM_METRICS for _ in self.layer_ids]  # host sums since the last metrics()
         self._scratch = Scratch()
         if cfg.enabled and kernel_serves(self.settings) and self.device.type == "cpu" and backend != "dense":
-            cpu_scan.available()  # build (first run on a machine: ~1 min) or load it now, not inside a step
+            cpu_scan.available()  # build (once per machine: a compile) or load it now, not inside a step
         self._reset_step()
 
     # ------------------------------------------------------------------ public API
@@ -241,19 +241,19 @@ class L2EInhibitor:
         if self._buf is None or self._micro_batches == 0 or not self.cfg.enabled or not applied:
             self._reset_step()
             return
-        if reduction.all_reduce_step(self._buf, self.reduce_group):
+        if step_sums.all_reduce_step(self._buf, self.reduce_group):
             self.collective_count += 1
-        rows = merge.merge_layers(self._layers, self._slots, self._buf, self.cfg, self.num_neurons, self._shift_dtype,
+        rows = step_sums.merge_layers(self._layers, self._slots, self._buf, self.cfg, self.num_neurons, self._shift_dtype,
                                   self._num_features, self._step_labelled)
         self._metric_sums = [[a + b for a, b in zip(acc, row)] for acc, row in zip(self._metric_sums, rows)]
         self.steps_ended += 1
         self._reset_step()
-        merge.check_diverged(self._layers, self.cfg.max_nonfinite_steps,
+        step_sums.check_diverged(self._layers, self.cfg.max_nonfinite_steps,
                              step if step is not None else self.steps_ended)
 
     def metrics(self) -> dict[str, float]:
         """Per-layer averages over the optimizer steps ended since the previous call (then reset)."""
-        out = merge.metric_values(self._metric_sums, self._layers, self.cfg)
+        out = step_sums.metric_values(self._metric_sums, self._layers, self.cfg)
         self._metric_sums = [[0.0] * NUM_METRICS for _ in self.layer_ids]
         return out
 
@@ -287,7 +287,7 @@ class L2EInhibitor:
         """The step buffer's layout, made on the step's first apply() (host counters only: same on every rank)."""
         if self._slots is None:
             phases = {lid: self._phase(self._layers[lid]) for lid in self.layer_ids}
-            self._slots, size = reduction.layout(phases, self.num_neurons, self._num_features)
+            self._slots, size = step_sums.layout(phases, self.num_neurons, self._num_features)
             self._buf = torch.zeros(size, dtype=torch.float64, device=self.device)
         return self._slots
 
@@ -327,7 +327,7 @@ class L2EInhibitor:
             self._reg_terms[layer_id] = result.reg_term * loss_scale(
                 self.cfg, result.sums.tokens, self.dp_size, self.micro_batches_per_step)
         if labelled and result.scores is not None:
-            fkr.record_features(self._buf, slots, state, self._features, result.scores,
+            step_sums.record_features(self._buf, slots, state, self._features, result.scores,
                                 result.selected_mask(result.scores.shape), self._num_features, self._neurons,
                                 self.tp_rank == 0)
             self._step_labelled = True

@@ -7,13 +7,13 @@ device; the one accelerators run, since it needs no host sync) and the definitio
 state (tests/test_l2e_numerics.py, tests/test_l2e_reference.py). The formulas are docs/l2e-method.md's.
 
 One pass, for activations z [tokens, W] of this rank's neuron slice and the layer's state as of before the step:
-1. statistics: d = z - mu; the column sums of d and d^2 (merged into mu, var at the step's end, merge.py);
+1. statistics: d = z - mu; the column sums of d and d^2 (merged into mu, var at the step's end, step_sums.py);
 2. score: phi = d^2 / (var + eps * mean var) (`inv_denom` holds 1 / that denominator);
 3. selection: L2E's moving threshold (phi >= tau; also counted at tau/r and tau*r for the threshold update),
    or MEmeL's per-token top-k over the whole layer (all TP slices);
 4. inhibition: L2E's regularizer SUM_selected log(d^2 + delta), or MEmeL's reverse deactivation of the selected
    pairs (forward value mu, gradient times -D);
-5. the pass's sums for the step buffer (reduction.py), returned, never written here.
+5. the pass's sums for the step buffer (step_sums.py), returned, never written here.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class MethodSettings:
 
 class PassSums(NamedTuple):
     """One pass's contribution to the step's sums (device tensors or host numbers; None where the phase has
-    none). Summed over micro-batches and ranks, they are all merge.py needs."""
+    none). Summed over micro-batches and ranks, they are all the step's merge needs."""
 
     tokens: int
     sum_dev: Tensor  # sum over tokens of d = z - mu [W]

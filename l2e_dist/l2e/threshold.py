@@ -1,7 +1,7 @@
 """The moving threshold tau of one inhibited layer: its initial value and its once-per-step update.
 
 Both work on counts that the engine sums over the whole step (every micro-batch, every DP and TP rank), so every
-rank moves tau identically; tau and the bracket's half width are host numbers (fp64), read with the step's sums.
+rank moves tau identically; tau and the bracket's half width are host numbers (fp64), read with the step's sums (step_sums.py).
 
 Initialisation: the first scored step selects nothing; its scores go into a log-spaced histogram and tau starts
 at the histogram's (1 - p) quantile, log-interpolated within a bin (bins are 0.9% of the value wide).
@@ -67,8 +67,8 @@ def _clamp(value: float, low: float, high: float) -> float:
 def update_threshold(tau: float, half_width: float, counts: tuple[float, float, float], total: float, p: float,
                      rate: float) -> tuple[float, float]:
     """One step's update of (tau, half_width) from `counts` = (#phi >= tau/r, #phi >= tau, #phi >= tau*r) out of
-    `total` scores. Host numbers: the counts arrive in the step's one host read (merge.py), and a few dozen
-    scalar operations cost nothing there, where as device tensors they were ~40 tiny kernels per step."""
+    `total` scores. Host numbers: the counts arrive in the step's one host read (step_sums.py), and scalar arithmetic
+    on the host costs nothing, where as device tensors it would be dozens of tiny kernels per step."""
     x, h = math.log(tau), half_width
     c_lo, c_mid, c_hi = counts
     wanted = p * max(total, 1.0)
