@@ -137,11 +137,11 @@ def dense_pass(z: Tensor, flat: Tensor, constants: StepConstants, settings: Meth
             kth_score = kth_score_per_token(phi, settings.topk, settings.tp_size, settings.tp_group)
             selected = phi >= kth_score
             n_above_low = n_above_high = None
-        # 4. the regularizer's value (its gradient is DenseLogSquare's backward)
+        # 4a. inhibition: the L2E regularizer's value (its gradient is DenseLogSquare's backward)
         reg_sum = None
         if settings.method == "l2e":
             reg_sum = sq_dev.add_(settings.delta).log_().masked_fill_(~selected, 0.0).sum()
-    # 4. inhibition, in the graph
+    # 4b. inhibition in the autograd graph: L2E passes z on with the regularizer beside it, MEmeL deactivates
     if settings.method == "l2e":
         output, reg_term = DenseLogSquare.apply(z, reg_sum, constants.mean,
                                                 constants.sq_dev_bound if settings.uses_threshold else None,
