@@ -34,6 +34,7 @@ def _run(pass_fn, z: torch.Tensor, constants: StepConstants, phase: Phase, upstr
     return output.detach(), z.grad, sums
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SETTINGS)
 def test_dense_pass_compiles_once_per_phase_without_graph_breaks_or_recompiles(name):
     from torch._dynamo.testing import CompileCounter
