@@ -66,8 +66,7 @@ def cpu_pass(z: Tensor, flat: Tensor, constants: StepConstants, settings: Method
         n_above_low = n_above_high = None
         if settings.uses_threshold:
             n_above_low, index, neuron, n_above_high = threshold_indices(
-                phi, constants.tau / constants.bracket_ratio, constants.tau, constants.tau * constants.bracket_ratio,
-                scratch.like(torch.bool, phi).numpy())
+                phi, constants.low_tau, constants.tau, constants.high_tau, scratch.like(torch.bool, phi).numpy())
         else:
             selected = at_least(phi, kth_score_per_token(phi, settings.topk, settings.tp_size, settings.tp_group))
             index, neuron = flat_nonzero(selected), None
@@ -85,8 +84,7 @@ def _kernel_pass(z: Tensor, flat: Tensor, constants: StepConstants, settings: Me
     n_above_low = n_above_high = None
     if settings.uses_threshold:
         index, dev, sum_dev, sum_sq_dev, n_above_low, n_above_high = cpu_scan.threshold_scan(
-            flat, constants.mean, constants.inv_denom, constants.tau / constants.bracket_ratio, constants.tau,
-            constants.tau * constants.bracket_ratio)
+            flat, constants.mean, constants.inv_denom, constants.low_tau, constants.tau, constants.high_tau)
     else:
         index, dev, sum_dev, sum_sq_dev = cpu_scan.top1_scan(flat, constants.mean, constants.inv_denom)
     reg_sum = derivative = None
@@ -123,7 +121,7 @@ def log_square_terms(dev: Tensor, delta: float) -> tuple[Tensor, Tensor]:
 def threshold_indices(phi: Tensor, low: float, tau: float, high: float,
                       mask: np.ndarray | None = None) -> tuple[int, Tensor, Tensor, int]:
     """(#phi >= low, flat indices of phi >= tau, their neurons, #phi >= high) for phi [tokens, W]: three compares
-    with a number into one reusable bool buffer `mask`; the bracket's ends are only counted, and only the ~p
+    with a number into one reusable bool buffer `mask`; low and high are only counted, and only the ~p
     selected pairs get indices (extracting indices costs in proportion to the hits)."""
     if not phi.is_contiguous():
         index = (phi >= tau).reshape(-1).nonzero().squeeze(1)

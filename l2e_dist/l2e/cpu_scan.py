@@ -9,7 +9,7 @@ the largest part of L2E's CPU cost (figures in docs/benchmarks.md). This kernel 
 no activation-sized temporary.
 
 It gives the eager path's selection exactly: d, d^2 and phi are the same fp32 operations in the same order
-(no FMA contraction), and the bracket numbers are compared in fp32 as numpy compares a float32 array with a
+(no FMA contraction), and tau, tau/r and tau*r are compared in fp32 as numpy compares a float32 array with a
 Python float. The sums are accumulated in fp64 (eager: fp32 column sums added into the fp64 step buffer), so
 they agree to fp32 rounding, not bitwise. tests/test_l2e_numerics.py checks both.
 
@@ -53,18 +53,19 @@ static void score_row(const float* __restrict__ row, const float* __restrict__ m
   }
 }
 
-// Threshold retrieval: the bracket counts of one row's scores and its selection as bytes (0/1).
+// Threshold retrieval: one row's counts of phi >= lo and phi >= hi (tau/r, tau*r), and its selection (phi >= mid)
+// as bytes (0/1).
 __attribute__((target_clones("avx2", "default")))
-static void bracket_row(const float* __restrict__ phi, uint8_t* __restrict__ sel, int64_t width, float lo,
-                        float mid, float hi, int64_t* n_lo, int64_t* n_hi) {
-  int32_t lo_row = 0, hi_row = 0;
+static void threshold_row(const float* __restrict__ phi, uint8_t* __restrict__ sel, int64_t width, float lo,
+                        float mid, float hi, int64_t* n_above_low, int64_t* n_above_high) {
+  int32_t low_row = 0, high_row = 0;
   for (int64_t j = 0; j < width; ++j) {
-    lo_row += phi[j] >= lo ? 1 : 0;
-    hi_row += phi[j] >= hi ? 1 : 0;
+    low_row += phi[j] >= lo ? 1 : 0;
+    high_row += phi[j] >= hi ? 1 : 0;
     sel[j] = phi[j] >= mid ? 1 : 0;
   }
-  *n_lo += lo_row;
-  *n_hi += hi_row;
+  *n_above_low += low_row;
+  *n_above_high += high_row;
 }
 
 // Top-1 retrieval: a row's selection is every pair at its largest score (ties included); none when a score is
@@ -88,7 +89,7 @@ static void top1_row(const float* __restrict__ phi, uint8_t* __restrict__ sel, i
 }
 
 // One pass over z [rows, width] (fp32, contiguous): see l2e_dist/l2e/cpu_scan.py. `topk1`: top-1 retrieval,
-// else threshold retrieval at mid with the bracket counts at lo and hi.
+// else threshold retrieval at mid with the counts at lo and hi.
 static std::vector<torch::Tensor> scan(torch::Tensor z, torch::Tensor mu, torch::Tensor inv_denom, bool topk1,
                                        double lo, double mid, double hi) {
   TORCH_CHECK(z.dim() == 2 && z.scalar_type() == torch::kFloat32 && z.is_contiguous(), "z: 2-d contiguous fp32");
@@ -112,7 +113,7 @@ static std::vector<torch::Tensor> scan(torch::Tensor z, torch::Tensor mu, torch:
   std::vector<float> selected_d;
   index.reserve(static_cast<size_t>(topk1 ? rows + 16 : rows * width / 32 + 16));
   selected_d.reserve(index.capacity());
-  int64_t n_lo = 0, n_hi = 0;
+  int64_t n_above_low = 0, n_above_high = 0;
   const int64_t block = 32;  // rows summed in fp32 before adding into the fp64 sums
   for (int64_t r0 = 0; r0 < rows; r0 += block) {
     std::fill(acc1.begin(), acc1.end(), 0.0f);
@@ -123,7 +124,7 @@ static std::vector<torch::Tensor> scan(torch::Tensor z, torch::Tensor mu, torch:
       if (topk1) {
         top1_row(phi.data(), sel.data(), width);
       } else {
-        bracket_row(phi.data(), sel.data(), width, flo, fmid, fhi, &n_lo, &n_hi);
+        threshold_row(phi.data(), sel.data(), width, flo, fmid, fhi, &n_above_low, &n_above_high);
       }
       for (int64_t j = 0; j < width; j += 8) {  // few bytes are 1: skip 8 at a time, visit only the hits
         uint64_t word;
@@ -146,7 +147,7 @@ static std::vector<torch::Tensor> scan(torch::Tensor z, torch::Tensor mu, torch:
   auto d_t = torch::empty({n}, torch::kFloat32);
   std::copy(index.begin(), index.end(), index_t.data_ptr<int64_t>());
   std::copy(selected_d.begin(), selected_d.end(), d_t.data_ptr<float>());
-  auto counts = torch::tensor({n_lo, n_hi}, torch::kInt64);
+  auto counts = torch::tensor({n_above_low, n_above_high}, torch::kInt64);
   return {index_t, d_t, sum1, sum2, counts};
 }
 
@@ -223,8 +224,8 @@ def threshold_scan(flat: Tensor, mu: Tensor, inv_denom: Tensor, lo: float, mid: 
     """(flat indices of phi >= mid, d = z - mu at them, column sums of d and d^2 (fp64), count of phi >= lo,
     count of phi >= hi) for flat [tokens, width]; see the module docstring."""
     index, d, sum1, sum2, counts = _kernel().threshold_scan(flat.detach(), mu, inv_denom, lo, mid, hi)
-    n_lo, n_hi = counts.tolist()
-    return index, d, sum1, sum2, n_lo, n_hi
+    n_above_low, n_above_high = counts.tolist()
+    return index, d, sum1, sum2, n_above_low, n_above_high
 
 
 def top1_scan(flat: Tensor, mu: Tensor, inv_denom: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -48,7 +48,8 @@ class StepConstants:
     mean: Tensor  # mu [W]
     inv_denom: Tensor  # 1 / (var + eps * mean var) [W]
     tau: float  # the threshold on phi
-    bracket_ratio: float  # r: the threshold update also counts phi >= tau / r and phi >= tau * r
+    low_tau: float  # tau / r, r = exp(half_width): the threshold update (threshold.py) also counts phi >= tau / r
+    high_tau: float  # tau * r: ... and phi >= tau * r
     sq_dev_bound: Tensor  # tau / inv_denom [W]: phi >= tau  <=>  d^2 >= sq_dev_bound (no phi needed)
     low_sq_dev_bound: Tensor  # the same for tau / r
     high_sq_dev_bound: Tensor  # the same for tau * r
@@ -58,7 +59,7 @@ class StepConstants:
            dtype: torch.dtype) -> StepConstants:
         """From a layer's fp64 state slice (`half_width` = log r, threshold.py)."""
         ratio = math.exp(half_width)
-        return StepConstants(mean.to(dtype), inv_denom.to(dtype), tau, ratio, sq_dev_bound.to(dtype),
+        return StepConstants(mean.to(dtype), inv_denom.to(dtype), tau, tau / ratio, tau * ratio, sq_dev_bound.to(dtype),
                              (sq_dev_bound / ratio).to(dtype), (sq_dev_bound * ratio).to(dtype))
 
 

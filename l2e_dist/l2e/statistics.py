@@ -28,7 +28,7 @@ class LayerState:
     var: Tensor  # [W] fp64, unbiased
     num_obs: float  # m, the (possibly forgotten) number of past observations
     tau: float  # the moving threshold
-    half_width: float  # log-width of the threshold's counting bracket (threshold.py)
+    half_width: float  # log r: the threshold update also counts phi >= tau / r and tau * r (threshold.py)
     feat_score: Tensor  # [F, W] fp64: accumulated sum of phi per feature (online FKR)
     feat_count: Tensor  # [F] fp64: accumulated token count per feature
     n_merged: int = 0  # merged optimizer steps
