@@ -1,5 +1,6 @@
-"""L2E numerics: NaN/inf cannot poison the state, the threshold converges on any tail, the GPU (dense) regularizer
-path equals the CPU (compact) one, bf16 activations give fp32-close statistics, and old states load or fail."""
+"""L2E numerics: NaN/inf cannot poison the state, the threshold converges on any tail, the dense backend (GPUs)
+equals the CPU one (eager and kernel) over whole runs, bf16 activations give fp32-close statistics, and old states
+load or fail."""
 
 from __future__ import annotations
 
@@ -176,7 +177,7 @@ def test_threshold_initialised_from_the_exact_quantile_of_the_first_scored_step_
     assert abs(math.log(tau / exact)) <= HIST_BIN_WIDTH  # within one histogram bin (0.9%) of the exact value
 
 
-# ------------------------------------------------------------------------------------------------ GPU paths
+# ------------------------------------------------------------------------------------------------ backends
 
 
 @pytest.mark.parametrize("retrieval", ["threshold", "topk"])
