@@ -150,7 +150,7 @@ class PackedDataset(_IndexedFile):
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         start, stop = i * self.seq_length, i * self.seq_length + self.seq_length + 1
         tokens = np.empty(self.seq_length + 1, dtype=np.int64)
-        features = np.full(self.seq_length + 1, -1, dtype=np.int64)
+        feature_labels = np.full(self.seq_length + 1, -1, dtype=np.int64)
         k = int(np.searchsorted(self.cum, start, side="right")) - 1
         pos = start
         doc_index = self.indexed.document_indices if self.label_map is not None else None
@@ -163,10 +163,10 @@ class PackedDataset(_IndexedFile):
             if doc_index is not None:
                 doc = int(np.searchsorted(doc_index, seq_id, side="right")) - 1
                 local = int(self._doc_labels()[doc])
-                features[out] = self.label_map[local] if local >= 0 else -1
+                feature_labels[out] = self.label_map[local] if local >= 0 else -1
             pos += length
             k += 1
-        return {"tokens": torch.from_numpy(tokens), "features": torch.from_numpy(features)}
+        return {"tokens": torch.from_numpy(tokens), "feature_labels": torch.from_numpy(feature_labels)}
 
 
 class FileOrderDataset(_IndexedFile):
@@ -210,8 +210,8 @@ class FileOrderDataset(_IndexedFile):
     def __len__(self) -> int:
         return self.num_samples
 
-    def _feature(self, sequence: int) -> int:
-        """Feature id of the document holding `sequence` (-1: unlabelled)."""
+    def _feature_label(self, sequence: int) -> int:
+        """Feature-label id of the document holding `sequence` (-1: unlabelled)."""
         if self.label_map is None:
             return -1
         doc = int(np.searchsorted(self.indexed.document_indices, sequence, side="right")) - 1
@@ -223,7 +223,7 @@ class FileOrderDataset(_IndexedFile):
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         sequence = self.sample_range[0] + i
         tokens = torch.from_numpy(self.indexed.get(sequence).astype(np.int64))
-        return {"tokens": tokens, "features": torch.full_like(tokens, self._feature(sequence))}
+        return {"tokens": tokens, "feature_labels": torch.full_like(tokens, self._feature_label(sequence))}
 
 
 class BlendedDataset(Dataset):
@@ -291,7 +291,8 @@ def _blend(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class Datasets:
-    """What build_datasets returns; `feature_names[f]` names feature id f in the samples' "features"."""
+    """What build_datasets returns; `feature_names[f]` names feature-label id f in the samples' "feature_labels"
+    (per token: the label of its document, -1 when unlabelled)."""
 
     train: BlendedDataset | FileOrderDataset | IndexMapDataset
     valid: BlendedDataset | FileOrderDataset | IndexMapDataset

@@ -105,11 +105,11 @@ def effective_zero_stage(cfg: RunConfig, dp_size: int) -> int:
 def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
     """The DeepSpeed JSON config. Batch sizes are given per data-parallel rank; `deepspeed.extra` wins."""
     train, ds = cfg.train, cfg.deepspeed
-    gas = accumulation_steps(train.global_batch_size, train.micro_batch_size, dp_size)
+    grad_accum_steps = accumulation_steps(train.global_batch_size, train.micro_batch_size, dp_size)
     config = {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": gas,
+        "gradient_accumulation_steps": grad_accum_steps,
         "gradient_clipping": cfg.optimizer.grad_clip,
         "zero_optimization": {"stage": effective_zero_stage(cfg, dp_size)},
         "fp16": {
