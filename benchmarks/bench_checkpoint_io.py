@@ -72,6 +72,9 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="JSON file for the results (rank 0)")
     parser.add_argument("--label", default="", help="free text stored with the results, e.g. before/after")
     args = parser.parse_args()
+    from l2e_dist.parallel.host_memory import apply_process_settings
+
+    apply_process_settings()  # a training rank's host-memory settings, before anything allocates a tensor
 
     import torch
     import torch.distributed as dist

@@ -53,6 +53,9 @@ def make_hf(directory: str, config: str) -> None:
 
 
 def measure(tp: int, init_from: str | None, config: str, out: str | None) -> None:
+    from l2e_dist.parallel.host_memory import apply_process_settings
+
+    apply_process_settings()  # a training rank's host-memory settings, before anything allocates a tensor
     import torch
     import torch.distributed as dist
 

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args(argv)
+    from l2e_dist.parallel.host_memory import apply_process_settings
+
+    apply_process_settings()  # a training rank's host-memory settings, before anything allocates a tensor
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     from l2e_dist.parallel.launch_env import free_port
 

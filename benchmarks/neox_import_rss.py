@@ -102,6 +102,9 @@ def write_checkpoint(out: Path, layers: int, dp: int, bucket: int, iteration: in
 
 
 def _measure(directory: str, layers: int, tp: int, iteration: int) -> dict:
+    from l2e_dist.parallel.host_memory import apply_process_settings
+
+    apply_process_settings()  # a training rank's host-memory settings, before anything allocates a tensor
     import torch
 
     from l2e_dist.config import load_config

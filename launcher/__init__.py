@@ -17,12 +17,6 @@ from collections.abc import Callable
 
 from l2e_dist.errors import UserError, debug_requested, environment_error_message
 
-# Before torch is imported (torch reads it once): host allocations of 2 MiB and more are 2 MiB-aligned and
-# madvise'd as transparent huge pages. A fresh large buffer (the dense embedding gradient, 100 MB at Pythia's
-# vocabulary) then takes far fewer page faults (docs/benchmarks.md, "Host memory"). Only host memory is
-# affected; set THP_MEM_ALLOC_ENABLE=0 to opt out.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 USER_ERROR_EXIT = 2
 _RANK_VARS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 @run_cli("l2e-analyze")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from l2e_dist.parallel.host_memory import apply_process_settings
+
+    apply_process_settings(keep_freed_memory=False)  # THP for its large host tensors; it trains nothing
     import torch
 
     from l2e_dist.analysis.analyze import AnalysisError, AnalyzeSettings, run_analysis

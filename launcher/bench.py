@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @run_cli("l2e-bench")
 def main(argv: list[str] | None = None) -> int:
+    from l2e_dist.parallel.host_memory import apply_process_settings
+
+    apply_process_settings()  # the step it times is a training step: the settings of l2e-pretrain, set as early
     quiet_known_warnings()  # before parse_args, whose variant list imports megatron-core
     args = parse_args(argv)
     from l2e_dist.bench import BenchSettings, format_table, run_benchmark, write_report

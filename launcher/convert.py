@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @run_cli("l2e-convert")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from l2e_dist.parallel.host_memory import apply_process_settings
+
+    apply_process_settings(keep_freed_memory=False)  # THP for its large host tensors; it trains nothing
     from l2e_dist.checkpoint.convert import export_hf, import_hf
     from l2e_dist.checkpoint.hf_git import export_snapshots_git
     from l2e_dist.checkpoint.manifest import CheckpointError

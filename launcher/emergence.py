@@ -30,6 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @run_cli("l2e-emergence")
 def main(argv: list[str] | None = None) -> int:
+    from l2e_dist.parallel.host_memory import apply_process_settings
+
+    # THP only: the sweep trains in spawned workers, which inherit THP through the environment but not a
+    # process's malloc settings.
+    apply_process_settings(keep_freed_memory=False)
     args = parse_args(argv)
     from l2e_dist.emergence.config import load_config
     from l2e_dist.emergence.sweep import format_emergence_table, run_sweep

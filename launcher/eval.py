@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 @run_cli("l2e-eval")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from l2e_dist.parallel.host_memory import apply_process_settings
+
+    apply_process_settings(keep_freed_memory=False)  # THP for its large host tensors; it trains nothing
     from l2e_dist.analysis.eval_sweep import check_labels, discover, evaluate_models, write_sweep
     from l2e_dist.analysis.evaluate import EvalError, EvalSettings
 

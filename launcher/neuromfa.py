@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @run_cli("l2e-neuromfa")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from l2e_dist.parallel.host_memory import apply_process_settings
+
+    apply_process_settings(keep_freed_memory=False)  # THP for its large host tensors; it trains nothing
     from l2e_dist.analysis.neuromfa import NeuroMFASettings, checkpoint_steps, write_report
     from l2e_dist.analysis.neuromfa_network import NeuroMFAError
     from l2e_dist.config_utils import build

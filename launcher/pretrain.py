@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
     watch_launcher()  # first, before the slow imports: a rank whose launcher dies exits with it
     args = parse_args(argv)
+    from l2e_dist.parallel.host_memory import apply_process_settings
+
+    apply_process_settings()  # before the config's imports allocate the first tensor
     quiet_known_warnings()
     from l2e_dist.config import load_config
     from l2e_dist.errors import UserError, debug_requested

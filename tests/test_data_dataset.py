@@ -70,7 +70,7 @@ def test_packing_split_and_labels_match_a_reference(tmp_path):
         for a, b in zip(samples, samples[1:]):  # consecutive samples overlap by one token
             assert a["tokens"][-1] == b["tokens"][0]
         stream = np.concatenate([s["tokens"][:-1].numpy() for s in samples] + [samples[-1]["tokens"][-1:].numpy()])
-        feats = np.concatenate([s["features"][:-1].numpy() for s in samples] + [samples[-1]["features"][-1:].numpy()])
+        feats = np.concatenate([s["feature_labels"][:-1].numpy() for s in samples] + [samples[-1]["feature_labels"][-1:].numpy()])
         total = sum(len(d) for d in docs[lo:hi])
         assert len(split) == (total - 1) // seq and total - len(stream) < seq + 1
         # cut the stream at EOD: the complete pieces are distinct documents of this split, shuffled
@@ -101,7 +101,7 @@ def test_samples_without_sidecar_have_unknown_features_and_tokenizer_is_required
     cfg = DataConfig(paths=[prefix], tokenizer=tok_path, cache_dir=str(tmp_path / "cache"))
     data = build_datasets(cfg, seq_length=8, seed=0)
     assert data.feature_names == [] and data.vocab_size == 3 and data.eod_id == 0
-    assert (data.train[0]["features"] == -1).all() and data.train[0]["tokens"].shape == (9,)
+    assert (data.train[0]["feature_labels"] == -1).all() and data.train[0]["tokens"].shape == (9,)
 
 
 def test_blending_follows_weights_and_spreads_evenly(tmp_path):
@@ -118,7 +118,7 @@ def test_blending_follows_weights_and_spreads_evenly(tmp_path):
     assert n == len(unweighted.train) == len(data.train.parts[0]) + len(data.train.parts[1])
     # source of each blended sample, read from the data itself (token range and feature label)
     source = np.array([int(data.train[i]["tokens"][1:].max() >= 100) for i in range(n)])
-    feature = np.array([int(data.train[i]["features"][0]) for i in range(n)])
+    feature = np.array([int(data.train[i]["feature_labels"][0]) for i in range(n)])
     names = data.feature_names
     assert names == ["l", "s"] and ((source == 1) == (feature == names.index("l"))).all()
     assert abs(source.sum() - n / 2) <= 1  # equal weights: half each, although `small` is 4x smaller

@@ -108,7 +108,7 @@ def test_pile_sample_round_trips_to_the_original_documents(pile, tmp_path):
                           seq_length=64, seed=1)
     assert data.vocab_size == tokenizer.vocab_size and data.eod_id == tokenizer.eod_id
     stream = np.concatenate([data.train[i]["tokens"][:-1].numpy() for i in range(len(data.train))])
-    features = np.concatenate([data.train[i]["features"][:-1].numpy() for i in range(len(data.train))])
+    features = np.concatenate([data.train[i]["feature_labels"][:-1].numpy() for i in range(len(data.train))])
     cuts = np.flatnonzero(stream == tokenizer.eod_id) + 1
     text_label = {r["text"]: r.get("meta", {}).get("pile_set_name") for r in kept}
     recovered = 0

@@ -218,7 +218,7 @@ def test_file_order_samples_carry_their_documents_labels(tmp_path):
         for i in range(len(split)):
             sample = split[i]
             np.testing.assert_array_equal(sample["tokens"].numpy(), sample_tokens(first + i, SEQ + 1))
-            assert set(sample["features"].tolist()) == {(first + i) % 3 - 1}
+            assert set(sample["feature_labels"].tolist()) == {(first + i) % 3 - 1}
 
 
 def test_lr_schedule_length_and_branch_rewarmup():

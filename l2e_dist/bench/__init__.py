@@ -10,7 +10,7 @@ per-round paired ratios are reported.
 
 Choices that matter for reading the figures:
 - Device: CPU runs fp32 with 1 intra-op thread unless told otherwise (on a shared, oversubscribed machine OpenMP
-  threads waiting on each other made steps ~10x slower and far noisier), sequence length at most 128 and micro
+  threads wait on each other: slower, far noisier steps; docs/benchmarks.md), sequence length at most 128 and micro
   batch at most 8 unless given. CUDA runs bf16 through the same code: DeepSpeed's bf16 mode for ours, autocast
   bf16 over fp32 weights for transformers; MFU = tokens/s x ModelConfig.flops_per_token / the device's peak
   (training/throughput.py's table, matched to the exact part; none for unknown devices).

@@ -18,6 +18,7 @@ from l2e_dist.bench.settings import (
     warmup_steps,
 )
 from l2e_dist.bench.variants import build_variants
+from l2e_dist.parallel.host_memory import apply_process_settings
 from l2e_dist.parallel.launch_env import free_port
 
 
@@ -38,6 +39,7 @@ def peak_rss_bytes() -> int:
 def _probe_worker(settings: BenchSettings, name: str, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                       LOCAL_WORLD_SIZE="1")
+    apply_process_settings()  # a process of its own: THP came with the environment, freed memory is kept here
     try:
         device = bench_device(settings)
         cfgs = resolve_configs(settings, device)

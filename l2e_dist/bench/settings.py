@@ -91,9 +91,9 @@ def warmup_steps(cfgs: dict[str, RunConfig], settings: BenchSettings) -> int:
 
 
 def token_batches(cfg: RunConfig, count: int, device: torch.device) -> torch.Tensor:
-    gas = accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, 1)
+    grad_accum_steps = accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, 1)
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    shape = (count, gas, cfg.train.micro_batch_size, cfg.train.seq_length + 1)
+    shape = (count, grad_accum_steps, cfg.train.micro_batch_size, cfg.train.seq_length + 1)
     return torch.randint(0, cfg.model.vocab_size, shape, generator=generator).to(device)
 
 

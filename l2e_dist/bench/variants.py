@@ -21,7 +21,7 @@ from l2e_dist.training.trainer import build_inhibitor, end_l2e_step, seed_everyt
 @dataclass
 class Variant:
     name: str
-    step: Any  # callable(tokens [gas, micro, seq+1]) -> loss float tensor (detached)
+    step: Any  # callable(tokens [grad_accum_steps, micro, seq+1]) -> loss float tensor (detached)
     state_roots: list[Any]
     inhibitor: Any = None
     wall: list[float] = field(default_factory=list)
@@ -40,12 +40,12 @@ def initial_weights(cfg: RunConfig) -> dict[str, torch.Tensor]:
 def build_ours(cfg: RunConfig, device: torch.device) -> Variant:
     """Our step as the trainer builds it (model, L2E inhibitor, DeepSpeed engine), minus data and logging."""
     layout = current_layout()
-    gas = accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, 1)
+    grad_accum_steps = accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, 1)
     seed_everything(cfg.train.seed)
     model = GPTNeoX(cfg.model)
     if cfg.train.compile:
         model.compile_layers()
-    inhibitor = build_inhibitor(cfg, model, layout, gas, device, always_reduce=True)
+    inhibitor = build_inhibitor(cfg, model, layout, grad_accum_steps, device, always_reduce=True)
     engine = initialize_engine(model, cfg, layout.dp_size)
     engine.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -55,7 +55,7 @@ def build_ours(cfg: RunConfig, device: torch.device) -> Variant:
         loss_sum.zero_()
         for tokens in batch:
             lm_loss = train_micro_batch(engine, inhibitor, tokens)
-            loss_sum.add_(lm_loss.detach().double() / gas)
+            loss_sum.add_(lm_loss.detach().double() / grad_accum_steps)
         end_l2e_step(engine, inhibitor)
         return loss_sum
 
@@ -79,7 +79,7 @@ def build_hf(cfg: RunConfig, device: torch.device, weights: dict) -> Variant:
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    gas = accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, 1)
+    grad_accum_steps = accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, 1)
     clip = cfg.optimizer.grad_clip
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16")
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -90,8 +90,8 @@ def build_hf(cfg: RunConfig, device: torch.device, weights: dict) -> Variant:
             inputs, labels = tokens[:, :-1], tokens[:, 1:].contiguous()  # HF views labels flat
             with autocast:
                 loss = model(input_ids=inputs, labels=labels, shift_labels=labels).loss
-            (loss / gas).backward()
-            loss_sum.add_(loss.detach().double() / gas)
+            (loss / grad_accum_steps).backward()
+            loss_sum.add_(loss.detach().double() / grad_accum_steps)
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()

@@ -114,8 +114,9 @@ class PackedDataset(_IndexedFile):
         self.label_map = label_map  # local label id -> global feature id, or None (no labels)
         self._reset_file()
         self.order = _cached(index_dir, "order", self._compute_order)  # sequence ids in packing order
-        self.cum = _cached(index_dir, "cum", self._compute_cum)  # token offset of each, plus the total
-        self.num_samples = max(0, (int(self.cum[-1]) - 1) // seq_length)
+        # the token offset of each sequence in packing order, plus the total (cached as cum.npy)
+        self.token_offsets = _cached(index_dir, "cum", self._compute_token_offsets)
+        self.num_samples = max(0, (int(self.token_offsets[-1]) - 1) // seq_length)
 
     def _compute_order(self) -> np.ndarray:
         start, stop = self.doc_range
@@ -128,19 +129,19 @@ class PackedDataset(_IndexedFile):
         offsets = np.repeat(first - (np.cumsum(count) - count), count)
         return (offsets + np.arange(int(count.sum()))).astype(np.int64)
 
-    def _compute_cum(self) -> np.ndarray:
+    def _compute_token_offsets(self) -> np.ndarray:
         lengths = np.asarray(self.indexed.sequence_lengths)[self.order].astype(np.int64)
         return np.concatenate([[0], np.cumsum(lengths)])
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state.update(order=None, cum=None)  # memory-mapped index arrays: reloaded in __setstate__
+        state.update(order=None, token_offsets=None)  # memory-mapped index arrays: reloaded in __setstate__
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.order = np.load(os.path.join(self.index_dir, "order.npy"), mmap_mode="r")
-        self.cum = np.load(os.path.join(self.index_dir, "cum.npy"), mmap_mode="r")
+        self.token_offsets = np.load(os.path.join(self.index_dir, "cum.npy"), mmap_mode="r")
 
     def __len__(self) -> int:
         return self.num_samples
@@ -150,23 +151,23 @@ class PackedDataset(_IndexedFile):
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         start, stop = i * self.seq_length, i * self.seq_length + self.seq_length + 1
         tokens = np.empty(self.seq_length + 1, dtype=np.int64)
-        features = np.full(self.seq_length + 1, -1, dtype=np.int64)
-        k = int(np.searchsorted(self.cum, start, side="right")) - 1
+        feature_labels = np.full(self.seq_length + 1, -1, dtype=np.int64)
+        packed = int(np.searchsorted(self.token_offsets, start, side="right")) - 1  # index into self.order
         pos = start
         doc_index = self.indexed.document_indices if self.label_map is not None else None
         while pos < stop:
-            seq_id = int(self.order[k])
-            offset = pos - int(self.cum[k])
-            length = min(int(self.cum[k + 1]) - pos, stop - pos)
+            seq_id = int(self.order[packed])
+            offset = pos - int(self.token_offsets[packed])
+            length = min(int(self.token_offsets[packed + 1]) - pos, stop - pos)
             out = slice(pos - start, pos - start + length)
             tokens[out] = self.indexed.get(seq_id, offset=offset, length=length)
             if doc_index is not None:
                 doc = int(np.searchsorted(doc_index, seq_id, side="right")) - 1
                 local = int(self._doc_labels()[doc])
-                features[out] = self.label_map[local] if local >= 0 else -1
+                feature_labels[out] = self.label_map[local] if local >= 0 else -1
             pos += length
-            k += 1
-        return {"tokens": torch.from_numpy(tokens), "features": torch.from_numpy(features)}
+            packed += 1
+        return {"tokens": torch.from_numpy(tokens), "feature_labels": torch.from_numpy(feature_labels)}
 
 
 class FileOrderDataset(_IndexedFile):
@@ -210,8 +211,8 @@ class FileOrderDataset(_IndexedFile):
     def __len__(self) -> int:
         return self.num_samples
 
-    def _feature(self, sequence: int) -> int:
-        """Feature id of the document holding `sequence` (-1: unlabelled)."""
+    def _feature_label(self, sequence: int) -> int:
+        """Feature-label id of the document holding `sequence` (-1: unlabelled)."""
         if self.label_map is None:
             return -1
         doc = int(np.searchsorted(self.indexed.document_indices, sequence, side="right")) - 1
@@ -223,7 +224,7 @@ class FileOrderDataset(_IndexedFile):
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         sequence = self.sample_range[0] + i
         tokens = torch.from_numpy(self.indexed.get(sequence).astype(np.int64))
-        return {"tokens": tokens, "features": torch.full_like(tokens, self._feature(sequence))}
+        return {"tokens": tokens, "feature_labels": torch.full_like(tokens, self._feature_label(sequence))}
 
 
 class BlendedDataset(Dataset):
@@ -291,7 +292,8 @@ def _blend(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class Datasets:
-    """What build_datasets returns; `feature_names[f]` names feature id f in the samples' "features"."""
+    """What build_datasets returns; `feature_names[f]` names feature-label id f in the samples' "feature_labels"
+    (per token: the label of its document, -1 when unlabelled)."""
 
     train: BlendedDataset | FileOrderDataset | IndexMapDataset
     valid: BlendedDataset | FileOrderDataset | IndexMapDataset
@@ -346,9 +348,10 @@ def build_datasets(cfg: DataConfig, seq_length: int, seed: int) -> Datasets:
     fractions = parse_split(cfg.split)
     fingerprints = [file_fingerprint(p) for p in prefixes]
     sidecars = [read_labels(p, info.num_documents) if cfg.labels else None for p, info in zip(prefixes, infos)]
-    feature_names = sorted({name for sc in sidecars if sc is not None for name in sc[1]})
-    label_maps = [None if sc is None else np.array([feature_names.index(n) for n in sc[1]], dtype=np.int64)
-                  for sc in sidecars]
+    feature_names = sorted({name for sidecar in sidecars if sidecar is not None for name in sidecar[1]})
+    label_maps = [None if sidecar is None
+                  else np.array([feature_names.index(name) for name in sidecar[1]], dtype=np.int64)
+                  for sidecar in sidecars]
     index_root = os.path.join(os.path.abspath(cfg.cache_dir), "index")
     data_seed = cfg.data_seed
     if cfg.order == "pythia_index_maps":  # a PolyPythia seed's order (index_maps.py)

@@ -271,7 +271,7 @@ class IndexMapDataset(Dataset):
         middle = [(int(maps.doc[d]), 0, None) for d in range(first + 1, last)]
         return [(int(maps.doc[first]), first_offset, None), *middle, (int(maps.doc[last]), 0, last_offset + 1)]
 
-    def _feature(self, sequence: int) -> int:
+    def _feature_label(self, sequence: int) -> int:
         if self.label_map is None:
             return -1
         if self._labels is None:
@@ -283,13 +283,13 @@ class IndexMapDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
-        pieces, features = [], []
+        pieces, feature_labels = [], []
         for sequence, offset, length in self.segments(i):
             piece = self.indexed.get(sequence, offset=offset, length=length)
             pieces.append(piece)
-            features.append(np.full(len(piece), self._feature(sequence), dtype=np.int64))
+            feature_labels.append(np.full(len(piece), self._feature_label(sequence), dtype=np.int64))
         tokens = np.concatenate(pieces).astype(np.int64)
         if tokens.shape[0] != self.seq_length + 1:  # check_index_maps rules this out; a guard against edits
             raise IndexMapError(f"{self.files.path('sample')}: sample {i} has {tokens.shape[0]} tokens, not "
                                 f"{self.seq_length + 1}: the maps do not fit {self.prefix}; rebuild or re-download them")
-        return {"tokens": torch.from_numpy(tokens), "features": torch.from_numpy(np.concatenate(features))}
+        return {"tokens": torch.from_numpy(tokens), "feature_labels": torch.from_numpy(np.concatenate(feature_labels))}

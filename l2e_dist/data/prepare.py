@@ -291,7 +291,7 @@ def _merge(options: PrepareOptions, prefix: str, parts_dir: str, num_chunks: int
                            f"skipped, e.g. {total.bad_examples[:1]}): check the files and --text-field")
     tmp = f"{prefix}.tmp-{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
-    # add_index runs gc.collect() per chunk, ~0.2 s each with torch loaded; frozen objects are not rescanned
+    # add_index runs gc.collect() per chunk, slow with torch's objects loaded; frozen objects are not rescanned
     gc.freeze()
     try:
         for index in range(num_chunks):

@@ -73,12 +73,13 @@ def global_batch_iterator(
     start_step: int = 0,
     order_dir: str | None = None,
 ) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """For each optimizer step from `start_step` on, this DP rank's micro-batches (gas = global/(micro*dp)).
+    """For each optimizer step from `start_step` on, this DP rank's micro-batches: global batch = micro-batch x
+    accumulation steps x DP.
 
     `order_dir` defaults to the dataset's `index_dir` (datasets from build_datasets have one). Datasets with
     `in_file_order = True` are read in file order (no permutation, no order files).
     """
-    gas = accumulation_steps(global_batch_size, micro_batch_size, dp_size)
+    grad_accum_steps = accumulation_steps(global_batch_size, micro_batch_size, dp_size)
     per_micro_step = micro_batch_size * dp_size
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} out of range for dp_size={dp_size}")
@@ -96,7 +97,7 @@ def global_batch_iterator(
     while True:
         indices = global_batch_indices(num_samples, global_batch_size, step, seed, order_dir, in_file_order)
         micro_batches = []
-        for m in range(gas):
+        for m in range(grad_accum_steps):
             first = m * per_micro_step + dp_rank * micro_batch_size
             samples = [dataset[int(i)] for i in indices[first : first + micro_batch_size]]
             micro_batches.append({key: torch.stack([s[key] for s in samples]) for key in samples[0]})

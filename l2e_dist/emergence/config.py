@@ -19,8 +19,8 @@ Method = Literal["none", "l2e", "memel"]
 # The engine's own defaults (lambda 1e-9, SUM reduction) are for LM-scale token sums. Here `mean` reduction
 # makes lambda independent of the batch size, and lambda = 1e-4 keeps the inhibition a perturbation: at init
 # (std 0.01) activations sit ~1e-2 from their running means, so the gradient of log((z-mu)^2 + delta) on a
-# selected activation is ~2/(z-mu) ~ 1e2 against ~0.1 from the MSE (2*|f-y|*|w_out| ~ 2*5*0.01). Measured on
-# the CI sweep: lambda >= 1e-3 stops every skill from emerging, 1e-4 and 3e-4 shift the later skills.
+# selected activation is ~2/(z-mu) ~ 1e2 against ~0.1 from the MSE (2*|f-y|*|w_out| ~ 2*5*0.01). Larger
+# lambdas stop the skills from emerging at all (the sweep: docs/benchmarks.md).
 TESTBED_L2E_DEFAULTS: dict[str, Any] = {"reduction": "mean", "reg_lambda": 1e-4, "inhibit_ratio": 0.02}
 
 

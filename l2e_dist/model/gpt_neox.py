@@ -112,7 +112,7 @@ class _SplitQKVRotary(torch.autograd.Function):
     One output buffer written once: with c, s the cos/sin of the first half of the rotary dims (the second half
     repeats them), rotate_half gives out1 = x1*c - x2*s and out2 = x2*c + x1*s. The backward is the inverse
     rotation written straight into one [b, s, heads, 3*head_dim] gradient, instead of the split/chunk/cat
-    chain's temporaries and zero-filled slice gradients (profiled on CPU: ~2% of a tiny-model step).
+    chain's temporaries and zero-filled slice gradients (the profile: docs/benchmarks.md).
     """
 
     @staticmethod

@@ -1,19 +1,25 @@
-"""Host memory that stays mapped: glibc's malloc as a caching allocator for training on CPU.
+"""The process-wide host-memory settings of a training process, applied by one explicit call of its entry point.
 
-PyTorch's CPU allocator is plain malloc/free. With glibc's defaults every buffer above the (dynamic) mmap
-threshold is a fresh mmap, and with THP_MEM_ALLOC_ENABLE=1 (launcher/__init__.py) every buffer of 2 MiB and
-more is: freeing it unmaps it, so the next step's activation, logits chunk or gradient of that size page-faults
-all its memory in again, every step (the figures: docs/benchmarks.md, "Host memory").
+`apply_process_settings()` is that call (launcher/pretrain.py, launcher/bench.py, ...): the first thing an entry
+point does, before anything allocates a tensor. Importing a module changes nothing.
 
-A training step allocates the same sizes every step, so keeping freed memory for reuse is what a caching
+Transparent huge pages (THP_MEM_ALLOC_ENABLE=1): torch then aligns host allocations of 2 MiB and more to 2 MiB
+and madvises them as huge pages, so a fresh large buffer (the dense embedding gradient at Pythia's vocabulary)
+takes far fewer page faults. torch reads the variable once, at its first CPU allocation, and importing
+megatron-core or DeepSpeed already allocates: hence "before anything allocates". Only host memory is affected;
+set THP_MEM_ALLOC_ENABLE=0 to opt out.
+
+Host memory that stays mapped (CPU training only): PyTorch's CPU allocator is plain malloc/free, and with
+glibc's defaults every buffer above the mmap threshold (with THP: every buffer of 2 MiB and more) is a fresh
+mmap, unmapped when freed, so the next step's buffer of the same size page-faults all its memory in again, every
+step. A training step allocates the same sizes every step, so freed memory is kept for reuse, as a caching
 allocator (the CUDA one, jemalloc, tcmalloc) does: buffers up to 32 MiB come from the heap (M_MMAP_THRESHOLD,
-glibc's largest; it also stops the threshold's own growth), and the heap's free top is not trimmed
-(M_TRIM_THRESHOLD). Larger buffers (a Pythia-vocabulary embedding gradient: 100 MB) stay mmapped, with THP's
-2 MiB pages: in the heap their slightly different sizes fragmented it (peak RSS grew by hundreds of MiB). The price
-is that the process's resident size stays near its peak; that is why it is applied on CPU runs only (on a GPU the
-step's memory is the CUDA caching allocator's, and host memory is the checkpoint writer's and the data loader's,
-which should be given back).
-Opt out with L2E_KEEP_HOST_MEMORY=0. Without glibc (musl, macOS) nothing is changed.
+glibc's largest; it also stops the threshold's own growth) and the heap's free top is not trimmed
+(M_TRIM_THRESHOLD). Larger buffers stay mmapped, with THP's 2 MiB pages, because their slightly different sizes
+fragment the heap. The price is a resident size that stays near its peak, which is why a GPU run, whose host
+memory is the checkpoint writer's and the data loader's, keeps glibc's defaults. The figures behind both
+settings: docs/benchmarks.md, "Host memory". Opt out with L2E_KEEP_HOST_MEMORY=0. Without glibc (musl, macOS)
+nothing is changed.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+from dataclasses import dataclass
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -45,3 +52,39 @@ def keep_host_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     heap_up_to_32mib = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
     return heap_up_to_32mib and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    """What `apply_process_settings` left in effect for this process."""
+
+    huge_pages: bool  # THP_MEM_ALLOC_ENABLE=1 (unless the user set it to 0)
+    kept_host_memory: bool  # glibc keeps freed memory mapped (keep_host_memory)
+
+
+_applied: ProcessSettings | None = None
+
+
+def apply_process_settings(keep_freed_memory: bool | None = None) -> ProcessSettings:
+    """Apply the process-wide host-memory settings (see the module docstring); call it first in an entry point,
+    before anything allocates a tensor, or torch never sees THP_MEM_ALLOC_ENABLE.
+
+    keep_freed_memory: whether freed host memory stays mapped. None (a training run whose device its config
+    decides later): when no CUDA GPU is visible, i.e. when `parallel.device: auto` trains on the CPU; a GPU run's
+    host memory is the checkpoint writer's and the data loader's, which should be given back."""
+    global _applied
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if keep_freed_memory is None:
+        import torch  # after THP_MEM_ALLOC_ENABLE; importing torch itself allocates no tensor
+
+        keep_freed_memory = not torch.cuda.is_available()
+    _applied = ProcessSettings(
+        huge_pages=os.environ["THP_MEM_ALLOC_ENABLE"] == "1",
+        kept_host_memory=keep_freed_memory and keep_host_memory(),
+    )
+    return _applied
+
+
+def applied_process_settings() -> ProcessSettings | None:
+    """The settings `apply_process_settings` applied in this process, None when it was not called."""
+    return _applied

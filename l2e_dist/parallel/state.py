@@ -20,7 +20,6 @@ from megatron.core import parallel_state
 
 from l2e_dist.config_utils import ConfigError
 from l2e_dist.errors import UserError
-from l2e_dist.parallel.host_memory import keep_host_memory
 
 T = TypeVar("T")
 
@@ -110,8 +109,6 @@ def init_process_groups(tensor_parallel: int, timeout_s: float = 600.0, device: 
     global _device_setting
     select_device(device)  # a bad setting or a missing GPU fails here, before anything is started
     _device_setting = device
-    if default_device().type == "cpu":
-        keep_host_memory()
     if default_device().type == "cuda":
         _set_cuda_environment(tensor_parallel)
     else:  # DeepSpeed must not pick CUDA (cpu on purpose on a GPU machine), nor warn on every rank that it found none

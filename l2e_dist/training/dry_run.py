@@ -25,10 +25,10 @@ def dry_run(cfg: RunConfig, gpu_mem_gib: float | None = None) -> MemoryEstimate:
         cfg.train.seq_length, cfg.train.activation_checkpointing,
     )
     if layout.rank == 0:
-        gas = run.derived.grad_accum_steps
         print(
             f"l2e-pretrain: dry run OK: world={layout.world_size} tp={layout.tp_size} dp={dp} zero={stage} "
-            f"precision={cfg.deepspeed.precision} micro_batch={cfg.train.micro_batch_size} gas={gas} "
+            f"precision={cfg.deepspeed.precision} micro_batch={cfg.train.micro_batch_size} "
+            f"gas={run.derived.grad_accum_steps} "
             f"seq_length={cfg.train.seq_length} vocab={cfg.model.vocab_size} "
             f"train_samples={len(datasets.train)}",
             flush=True,

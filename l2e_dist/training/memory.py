@@ -59,17 +59,17 @@ class MemoryEstimate:
 def model_state_bytes(params: int, largest_layer: int, dp: int, zero_stage: int, precision: str) -> tuple[int, int, int]:
     """(parameters, gradients, optimizer state) bytes on one rank; see the module docstring."""
     mixed = precision in ("bf16", "fp16")
-    w = 2 if mixed else 4
+    weight_bytes = 2 if mixed else 4  # per parameter or gradient in the training precision
     if zero_stage >= 3:
-        parameters = w * params // dp + 4 * largest_layer
+        parameters = weight_bytes * params // dp + 4 * largest_layer
     else:
-        parameters = w * params
+        parameters = weight_bytes * params
     if zero_stage >= 2:
-        gradients = (w + 4) * params // dp
+        gradients = (weight_bytes + 4) * params // dp
     elif zero_stage == 1:
-        gradients = w * params + 4 * params // dp
+        gradients = weight_bytes * params + 4 * params // dp
     else:
-        gradients = w * params + (4 * params if mixed else 0)
+        gradients = weight_bytes * params + (4 * params if mixed else 0)
     optimizer = 12 * params // dp if zero_stage >= 1 else (12 if mixed else 8) * params
     return parameters, gradients, optimizer
 

@@ -86,7 +86,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.o
 def effective_zero_stage(cfg: RunConfig, dp_size: int) -> int:
     """The ZeRO stage the engine runs. fp32 at data-parallel size 1: stages 1 and 2 partition nothing, yet
     DeepSpeed still keeps a second fp32 copy of every parameter and copies gradients and parameters through
-    flat buffers each step (+33% state memory, ~7% step time on CPU in `l2e-bench`), so they run as stage 0
+    flat buffers each step (the cost: docs/benchmarks.md), so they run as stage 0
     (as torchtitan skips FSDP at a shard degree of 1). Checkpoints record the stage that ran, so resuming on
     more ranks reshards as for any layout change. Mixed precision keeps its stage (its fp32 master copy is
     needed).
@@ -105,11 +105,11 @@ def effective_zero_stage(cfg: RunConfig, dp_size: int) -> int:
 def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
     """The DeepSpeed JSON config. Batch sizes are given per data-parallel rank; `deepspeed.extra` wins."""
     train, ds = cfg.train, cfg.deepspeed
-    gas = accumulation_steps(train.global_batch_size, train.micro_batch_size, dp_size)
+    grad_accum_steps = accumulation_steps(train.global_batch_size, train.micro_batch_size, dp_size)
     config = {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": gas,
+        "gradient_accumulation_steps": grad_accum_steps,
         "gradient_clipping": cfg.optimizer.grad_clip,
         "zero_optimization": {"stage": effective_zero_stage(cfg, dp_size)},
         "fp16": {
@@ -157,8 +157,8 @@ def initialize_engine(model: torch.nn.Module, cfg: RunConfig, dp_size: int):
     """The DeepSpeed engine over `model` with our AdamW and schedule (the trainer's and `l2e-bench`'s).
 
     At data-parallel size 1 with stage 0, DeepSpeed would still "all-reduce" the gradients over the 1-rank group:
-    flatten every gradient into one buffer, reduce, copy back (~10% of a pythia-70m-shape CPU step, profiled).
-    That is an identity, so it is switched off; at DP>1, and for ZeRO stages, DeepSpeed reduces as usual.
+    flatten every gradient into one buffer, reduce, copy back (the cost: docs/benchmarks.md). That is an
+    identity, so it is switched off; at DP>1, and for ZeRO stages, DeepSpeed reduces as usual.
     """
     import deepspeed  # deferred: importing it prints accelerator probing noise
 

@@ -1,6 +1,8 @@
 """The pretraining loop: process groups -> data -> model (+ L2E hooks) -> DeepSpeed engine -> steps.
 
-Read `pretrain()` top to bottom; every piece it calls lives in its own module (config, parallel.state,
+Read `pretrain()` top to bottom: process groups, data and output directory, then `_setup_run` (model, L2E,
+engine, resume), `_training_loop` (the steps; `_end_of_step`: eval, snapshot, checkpoint, preemption) and
+`_finish` (final checkpoint, summary). Every piece they call lives in its own module (config, parallel.state,
 data, model, l2e, training.optim, training.metrics, checkpoint.io).
 """
 
@@ -10,8 +12,9 @@ import random
 import resource
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +27,7 @@ from l2e_dist.checkpoint.manifest import from_rank0
 from l2e_dist.checkpoint.snapshots import SNAPSHOT_DIR, save_snapshot
 from l2e_dist.config import RunConfig, config_to_dict, validate_world
 from l2e_dist.console import log_event
-from l2e_dist.data import build_datasets, prepare_default_corpus
+from l2e_dist.data import Datasets, build_datasets, prepare_default_corpus
 from l2e_dist.l2e.hooks import ScoreMeter
 from l2e_dist.l2e.hooks import attach as attach_l2e
 from l2e_dist.l2e.inhibitor import L2EInhibitor
@@ -43,7 +46,7 @@ from l2e_dist.training.metrics import MetricsLogger
 from l2e_dist.training.neox_branch import continue_neox_optimizer, neox_branch
 from l2e_dist.training.numerics import NonFiniteGuard, disable_deepspeed_min_scale_error, optimizer_loss_scale
 from l2e_dist.training.optim import initialize_engine
-from l2e_dist.training.preemption import PreemptionHandler, start_watchdog
+from l2e_dist.training.preemption import PreemptionHandler, Watchdog, start_watchdog
 from l2e_dist.training.prefetch import prefetch_to_device
 from l2e_dist.training.progress import human_count
 from l2e_dist.training.resolved import ResolvedRun, resolve_run
@@ -88,7 +91,8 @@ def _prepare_data(cfg: RunConfig, layout: ParallelLayout):
 
 
 def build_inhibitor(
-    cfg: RunConfig, model: GPTNeoX, layout: ParallelLayout, gas: int, device, always_reduce: bool = False
+    cfg: RunConfig, model: GPTNeoX, layout: ParallelLayout, grad_accum_steps: int, device,
+    always_reduce: bool = False,
 ) -> L2EInhibitor | None:
     """The L2E inhibitor hooked on `model`'s chosen MLP layers (None for method none). A world of 1 skips the
     statistics all_reduce, unless `always_reduce` (l2e-bench: so its cost is in the figures as at scale)."""
@@ -104,7 +108,7 @@ def build_inhibitor(
         reduce_group=tensor_and_data_parallel_group() if layout.world_size > 1 or always_reduce else None,
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         dp_size=layout.dp_size,
-        micro_batches_per_step=gas,
+        micro_batches_per_step=grad_accum_steps,
         device=device,
     )
     probes = model.mlp_probes(cfg.l2e.activation)
@@ -181,6 +185,7 @@ def evaluate(
 
 
 def pretrain(cfg: RunConfig) -> TrainResult:
+    """Train `cfg` in this process's rank: set up the run, run the steps, finish (final checkpoint, summary)."""
     watch_launcher()  # under a launcher: this rank ends with it (the CLI armed it already)
     preempt = PreemptionHandler(tuple(cfg.train.preempt_signals), check_every=cfg.train.preempt_check_every)
     if threading.current_thread() is threading.main_thread():
@@ -189,39 +194,88 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     validate_world(cfg, layout.world_size)  # before the data: a wrong launch fails at once
     # One job per output_dir: before anything is read from or written to it (docs/launching.md).
     with hold_run_directory(cfg.train.output_dir, cfg.train.lock_heartbeat_s, layout.rank, share=from_rank0):
-        return _train(cfg, layout, preempt)
+        seed_everything(cfg.train.seed)
+        datasets = _prepare_data(cfg, layout)
+        resolved = resolve_run(cfg, layout.world_size, datasets)  # the caller's cfg stays as given
+        check_run_data(resolved.config, datasets)  # file-order data ends; an init_from checkpoint's vocabulary
+        finished = open_run_dir(resolved, layout.rank)  # refuses another experiment in output_dir; config.yaml
+        if finished is not None:
+            log_event(f"already complete at step {finished.step} ({finished.checkpoint})")
+            return TrainResult(finished.step, float("nan"), [], str(resolved.config.train.output_dir))
+        run = _setup_run(resolved, datasets, layout, preempt)
+        progress = _training_loop(run)
+        return _finish(run, progress)
 
 
-def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -> TrainResult:
-    """pretrain's run, while this job holds the output directory."""
-    device = default_device()
-    seed_everything(cfg.train.seed)
+@dataclass
+class _Run:
+    """What the training loop works with, built once by `_setup_run`."""
 
-    datasets = _prepare_data(cfg, layout)
-    run = resolve_run(cfg, layout.world_size, datasets)  # the caller's cfg stays as given
-    cfg, dp_size, gas = run.config, run.derived.data_parallel, run.derived.grad_accum_steps
-    check_run_data(cfg, datasets)  # file-order data ends; an init_from checkpoint's vocabulary
-    finished = open_run_dir(run, layout.rank)  # refuses another experiment in output_dir; writes config.yaml
-    if finished is not None:
-        log_event(f"already complete at step {finished.step} ({finished.checkpoint})")
-        return TrainResult(finished.step, float("nan"), [], str(cfg.train.output_dir))
+    resolved: ResolvedRun
+    datasets: Datasets
+    layout: ParallelLayout
+    device: torch.device
+    preempt: PreemptionHandler
+    model: GPTNeoX
+    inhibitor: L2EInhibitor | None
+    engine: Any  # deepspeed.DeepSpeedEngine
+    watchdog: Watchdog | None  # None when parallel.watchdog_timeout_s is 0
+    logger: MetricsLogger
+    resumed_step: int  # 0: a fresh run
+    start_step: int  # the last step already trained (resumed_step, or train.branch_step of a fresh branch)
+    snapshot_steps: set[int]
+    flops_per_token: int  # model FLOPs per trained token, for TFLOP/s and MFU
+    peak_tflops: float | None  # the device's peak, None where unknown (the CPU): no MFU
 
+    @property
+    def cfg(self) -> RunConfig:
+        return self.resolved.config
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.global_batch_size * self.cfg.train.seq_length
+
+
+@dataclass
+class _Progress:
+    """Where the training loop stands; `_finish` reports it."""
+
+    step: int
+    losses: list[float] = field(default_factory=list)  # the mean training loss of each log interval
+    valid_metrics: dict[str, float] | None = None
+    valid_step: int | None = None
+    stopped: bool = False  # a preemption signal ended the run early
+    requeued: bool = False
+
+
+def _setup_run(resolved: ResolvedRun, datasets: Datasets, layout: ParallelLayout,
+               preempt: PreemptionHandler) -> _Run:
+    """Model, L2E inhibitor and DeepSpeed engine, resumed from the newest checkpoint; the step-0 snapshot; the
+    header and the metrics logger."""
+    cfg, device = resolved.config, default_device()
     seed_everything(cfg.train.seed)  # identical init on every rank and every TP size
     neox = neox_branch(cfg)  # a gpt-neox checkpoint in train.init_from: size and branch_step checked first
     model = build_model(cfg, layout, device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.compile:
         model.compile_layers()
-    inhibitor = build_inhibitor(cfg, model, layout, gas, device)
-    engine = initialize_engine(model, cfg, dp_size)
+    inhibitor = build_inhibitor(cfg, model, layout, resolved.derived.grad_accum_steps, device)
+    engine = initialize_engine(model, cfg, resolved.derived.data_parallel)
 
     watchdog = start_watchdog(cfg.parallel.watchdog_timeout_s) if cfg.parallel.watchdog_timeout_s else None
     out_dir = Path(cfg.train.output_dir)
-    ckpt_dir = out_dir / "checkpoints"
     resumed_step = 0
     if cfg.train.resume:
         with _slow_phase(watchdog, cfg, 0, "resume"):
-            resumed_step = resume(engine, cfg, ckpt_dir, inhibitor)
+            resumed_step = resume(engine, cfg, out_dir / "checkpoints", inhibitor)
     if neox is not None and not resumed_step:  # continue the gpt-neox optimizer (a resume supersedes it)
         with _slow_phase(watchdog, cfg, 0, "resume"):
             continue_neox_optimizer(engine, cfg, neox)
@@ -230,11 +284,11 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
     snapshot_steps = set(cfg.train.snapshot_steps())
     if start_step == 0 and 0 in snapshot_steps:  # the initialization, before the first update
         with _slow_phase(watchdog, cfg, 0, "snapshot"):
-            _snapshot(engine, inhibitor, out_dir, 0, run, resumed=False)
+            _snapshot(engine, inhibitor, out_dir, 0, resolved, resumed=False)
     is_rank0 = layout.rank == 0
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
     if is_rank0:  # the header first, on its own lines (before any progress bar exists)
-        _print_header(cfg, run, layout, model, device, gas, start_step, tokens_per_step)
+        _print_header(resolved, layout, model, device, start_step, tokens_per_step)
     logger = MetricsLogger(
         str(out_dir),
         enabled=is_rank0,
@@ -248,35 +302,39 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
         run_config=config_to_dict(cfg),
         tokens_per_step=tokens_per_step,
     )
-
     flops_per_token = cfg.model.flops_per_token(cfg.train.seq_length, model.padded_vocab_size)
-    peak = device_peak_tflops(device)
+    return _Run(resolved, datasets, layout, device, preempt, model, inhibitor, engine, watchdog, logger,
+                resumed_step, start_step, snapshot_steps, flops_per_token, device_peak_tflops(device))
+
+
+def _training_loop(run: _Run) -> _Progress:
+    """The optimizer steps from run.start_step + 1 to train.train_iters, or until a preemption signal."""
+    cfg, engine, inhibitor, device = run.cfg, run.engine, run.inhibitor, run.device
+    grad_accum_steps = run.resolved.derived.grad_accum_steps
     dp_group = parallel_state.get_data_parallel_group()
     guard = NonFiniteGuard(cfg.deepspeed.precision, cfg.train.nonfinite_patience)
     batches = prefetch_to_device(
-        run_batches(cfg, datasets.train, dp_rank=layout.dp_rank, dp_size=layout.dp_size, start_step=start_step),
+        run_batches(cfg, run.datasets.train, dp_rank=run.layout.dp_rank, dp_size=run.layout.dp_size,
+                    start_step=run.start_step),
         device,
     )
-    losses: list[float] = []
-    valid_metrics: dict[str, float] | None = None
-    valid_step = None
-    stop, requeued = False, False
+    progress = _Progress(step=run.start_step)
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
     loss_sum = 0.0
     steps_since_log, clock = 0, TrainingClock(device)
-    step = start_step
     _set_training(engine, inhibitor, True)
-    for step in range(start_step + 1, cfg.train.train_iters + 1):
+    for step in range(run.start_step + 1, cfg.train.train_iters + 1):
+        progress.step = step
         micro_batches = next(batches)  # already on the device (prefetched one step ahead)
         step_loss.zero_()
         for micro in micro_batches:
-            features = micro["features"][:, :-1] if cfg.l2e.fkr else None
+            features = micro["feature_labels"][:, :-1] if cfg.l2e.fkr else None
             lm_loss = train_micro_batch(engine, inhibitor, micro["tokens"], features)
-            step_loss += lm_loss.detach().double() / gas
+            step_loss += lm_loss.detach().double() / grad_accum_steps
         end_l2e_step(engine, inhibitor, step)
         # One scalar all_reduce per step: every rank sees the same mean loss, so all stop together.
         dist.all_reduce(step_loss, group=dp_group)
-        mean_step_loss = step_loss.item() / dp_size
+        mean_step_loss = step_loss.item() / run.resolved.derived.data_parallel
         guard.after_step(step, mean_step_loss, engine.was_step_applied(), optimizer_loss_scale(engine))
         loss_sum += mean_step_loss
         steps_since_log += 1
@@ -284,81 +342,102 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
         if step % cfg.train.log_interval == 0 or step == cfg.train.train_iters:
             mean_loss = loss_sum / steps_since_log
             elapsed = clock.lap()  # training time only: eval and checkpoint writes are paused out
-            tokens_per_s = tokens_per_step * steps_since_log / elapsed
-            metrics = {
-                "train/loss": mean_loss,
-                "train/lr": engine.get_lr()[0],
-                "train/tokens": step * tokens_per_step,  # seen since step 0 (a branched run's included)
-                "train/tokens_per_s": tokens_per_s,  # over this log interval's training time
-                "train/tflops_per_device": tflops_per_device(tokens_per_s, flops_per_token, layout.world_size),
-                "train/step_time_s": elapsed / steps_since_log,
-            }
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
-            if peak is not None:
-                metrics["train/mfu"] = mfu(tokens_per_s, flops_per_token, peak, layout.world_size)
-            if guard.skipped_steps:
-                metrics["train/skipped_steps"] = guard.skipped_steps
-            if device.type == "cuda":
-                metrics["train/max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            else:
-                metrics["train/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            if inhibitor is not None:
-                metrics.update(inhibitor.metrics())
-            losses.append(mean_loss)
-            logger.log(step, metrics, window_steps=steps_since_log)
+            metrics = _train_metrics(run, step, mean_loss, elapsed, steps_since_log, guard)
+            progress.losses.append(mean_loss)
+            run.logger.log(step, metrics, window_steps=steps_since_log)
             loss_sum, steps_since_log = 0.0, 0
-        logger.advance(1)
-        if watchdog is not None:
-            watchdog.heartbeat(step)
-
-        if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.train_iters):
-            with _slow_phase(watchdog, cfg, step, "eval"), clock.paused():
-                valid_metrics = evaluate(
-                    engine, model, inhibitor, datasets.valid, cfg, layout, device, logger, step
-                )
-            logger.log(step, valid_metrics)
-            valid_step = step
-        # A signal during the last step changes nothing: the run finishes (exit 0) instead of stopping (75).
-        stop = preempt.should_stop(step=step) and step < cfg.train.train_iters
-        if step in snapshot_steps:  # before this step's resume checkpoint: a resume never skips a snapshot
-            with _slow_phase(watchdog, cfg, step, "snapshot"), clock.paused():
-                _snapshot(engine, inhibitor, out_dir, step, run, resumed=resumed_step > 0)
-        if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or stop:
-            if step != cfg.train.train_iters:
-                with _slow_phase(watchdog, cfg, step, "checkpoint"), clock.paused():
-                    _save(engine, inhibitor, ckpt_dir, step, run)
-        if stop:
-            requeued = preempt.requeue()
-            log_event(f"stopped at step {step} on {preempt.received or 'a peer signal'}; requeued={requeued}")
-            requeued = _rank0_requeued(requeued, device)
+        run.logger.advance(1)
+        if run.watchdog is not None:
+            run.watchdog.heartbeat(step)
+        if _end_of_step(run, progress, clock):
             break
+    return progress
 
-    if step > start_step and step == cfg.train.train_iters:
-        with _slow_phase(watchdog, cfg, step, "checkpoint"):
-            _save(engine, inhibitor, ckpt_dir, step, run)
-    if watchdog is not None:
-        watchdog.stop()
-    final_loss = losses[-1] if losses else float("nan")
-    logger.close()  # the bar ends before the summary
-    if is_rank0 and not stop:
+
+def _train_metrics(run: _Run, step: int, mean_loss: float, elapsed: float, steps: int,
+                   guard: NonFiniteGuard) -> dict[str, float]:
+    """The figures logged at a log interval that ended after `steps` steps and `elapsed` seconds of training."""
+    engine, layout = run.engine, run.layout
+    tokens_per_s = run.tokens_per_step * steps / elapsed
+    metrics = {
+        "train/loss": mean_loss,
+        "train/lr": engine.get_lr()[0],
+        "train/tokens": step * run.tokens_per_step,  # seen since step 0 (a branched run's included)
+        "train/tokens_per_s": tokens_per_s,  # over this log interval's training time
+        "train/tflops_per_device": tflops_per_device(tokens_per_s, run.flops_per_token, layout.world_size),
+        "train/step_time_s": elapsed / steps,
+    }
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        metrics["train/grad_norm"] = float(grad_norm)
+    if run.peak_tflops is not None:
+        metrics["train/mfu"] = mfu(tokens_per_s, run.flops_per_token, run.peak_tflops, layout.world_size)
+    if guard.skipped_steps:
+        metrics["train/skipped_steps"] = guard.skipped_steps
+    if run.device.type == "cuda":
+        metrics["train/max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        metrics["train/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if run.inhibitor is not None:
+        metrics.update(run.inhibitor.metrics())
+    return metrics
+
+
+def _end_of_step(run: _Run, progress: _Progress, clock: TrainingClock) -> bool:
+    """After a step: evaluation, snapshot and checkpoint when due (their time paused out of the throughput), and
+    a preemption stop. Returns whether the loop stops here."""
+    cfg, engine, inhibitor, step = run.cfg, run.engine, run.inhibitor, progress.step
+    if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.train_iters):
+        with _slow_phase(run.watchdog, cfg, step, "eval"), clock.paused():
+            progress.valid_metrics = evaluate(
+                engine, run.model, inhibitor, run.datasets.valid, cfg, run.layout, run.device, run.logger, step
+            )
+        run.logger.log(step, progress.valid_metrics)
+        progress.valid_step = step
+    # A signal during the last step changes nothing: the run finishes (exit 0) instead of stopping (75).
+    stop = run.preempt.should_stop(step=step) and step < cfg.train.train_iters
+    if step in run.snapshot_steps:  # before this step's resume checkpoint: a resume never skips a snapshot
+        with _slow_phase(run.watchdog, cfg, step, "snapshot"), clock.paused():
+            _snapshot(engine, inhibitor, run.out_dir, step, run.resolved, resumed=run.resumed_step > 0)
+    if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or stop:
+        if step != cfg.train.train_iters:
+            with _slow_phase(run.watchdog, cfg, step, "checkpoint"), clock.paused():
+                _save(engine, inhibitor, run.ckpt_dir, step, run.resolved)
+    if stop:
+        requeued = run.preempt.requeue()
+        log_event(f"stopped at step {step} on {run.preempt.received or 'a peer signal'}; requeued={requeued}")
+        progress.stopped, progress.requeued = True, _rank0_requeued(requeued, run.device)
+    return stop
+
+
+def _finish(run: _Run, progress: _Progress) -> TrainResult:
+    """The final checkpoint of a completed run, the logger closed, rank 0's summary; the result."""
+    cfg, step = run.cfg, progress.step
+    if step > run.start_step and step == cfg.train.train_iters:
+        with _slow_phase(run.watchdog, cfg, step, "checkpoint"):
+            _save(run.engine, run.inhibitor, run.ckpt_dir, step, run.resolved)
+    if run.watchdog is not None:
+        run.watchdog.stop()
+    final_loss = progress.losses[-1] if progress.losses else float("nan")
+    run.logger.close()  # the bar ends before the summary
+    if run.layout.rank == 0 and not progress.stopped:
         print(f"final step {step}", flush=True)
         print(f"final loss {final_loss:.6f}", flush=True)
         log_summary(RunSummary(
-            output_dir=out_dir, start_step=start_step, final_step=step, tokens_per_step=tokens_per_step,
-            train_loss=final_loss if losses else None, valid_loss=(valid_metrics or {}).get("valid/loss"),
-            valid_step=valid_step, tensorboard=cfg.logging.tensorboard,
+            output_dir=run.out_dir, start_step=run.start_step, final_step=step, tokens_per_step=run.tokens_per_step,
+            train_loss=final_loss if progress.losses else None,
+            valid_loss=(progress.valid_metrics or {}).get("valid/loss"), valid_step=progress.valid_step,
+            tensorboard=cfg.logging.tensorboard,
         ))
     return TrainResult(
         final_step=step,
         final_loss=final_loss,
-        losses=losses,
-        output_dir=str(out_dir),
-        stopped_by_signal=(preempt.received or "peer") if stop else None,
-        requeued=requeued,
-        l2e_state=inhibitor.state_dict() if inhibitor is not None else None,
-        valid_metrics=valid_metrics,
+        losses=progress.losses,
+        output_dir=str(run.out_dir),
+        stopped_by_signal=(run.preempt.received or "peer") if progress.stopped else None,
+        requeued=progress.requeued,
+        l2e_state=run.inhibitor.state_dict() if run.inhibitor is not None else None,
+        valid_metrics=progress.valid_metrics,
     )
 
 
@@ -384,13 +463,14 @@ def end_l2e_step(engine, inhibitor: L2EInhibitor | None, step: int | None = None
         inhibitor.end_step(applied=engine.was_step_applied(), step=step)
 
 
-def _print_header(cfg: RunConfig, run: ResolvedRun, layout: ParallelLayout, model: GPTNeoX, device, gas: int,
-                  start_step: int, tokens_per_step: int) -> None:
+def _print_header(run: ResolvedRun, layout: ParallelLayout, model: GPTNeoX, device, start_step: int,
+                  tokens_per_step: int) -> None:
+    cfg = run.config
     n_params = cfg.model.num_parameters(model.padded_vocab_size)
     log_event(
         f"world={layout.world_size} tp={layout.tp_size} dp={layout.dp_size} "
         f"zero={_zero_description(run)} precision={cfg.deepspeed.precision} params={n_params / 1e6:.2f}M "
-        f"gas={gas} l2e={cfg.l2e.method} device={device.type} resume_step={start_step}"
+        f"gas={run.derived.grad_accum_steps} l2e={cfg.l2e.method} device={device.type} resume_step={start_step}"
         + (f" branch_step={cfg.train.branch_step}" if cfg.train.branch_step is not None else "")
     )
     log_event(
