@@ -90,6 +90,8 @@ KEY_RULES: dict[str, Rule] = {
         "init_method", "output_layer_init_method", "init_std")},
     "model.intermediate_size": _experiment("the MLP width (null = 4 x hidden_size)", effective=_ffn_size),
     "model.loss_chunk_tokens": _free("compute only: how the LM head's loss is chunked"),
+    "model.cross_entropy": _free("compute only: how each chunk's softmax and gradient are computed"),
+    "model.attention_backend": _free("compute only: which attention kernel runs"),
     "parallel.tensor_parallel": LAYOUT,
     "parallel.dist_timeout_s": GUARD,
     "parallel.watchdog_timeout_s": GUARD,

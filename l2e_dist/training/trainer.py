@@ -38,6 +38,7 @@ from l2e_dist.parallel.state import (
     set_collective_timeout,
     tensor_and_data_parallel_group,
 )
+from l2e_dist.training.compute_checks import check_compute_settings
 from l2e_dist.training.metrics import MetricsLogger
 from l2e_dist.training.neox_branch import continue_neox_optimizer, neox_branch
 from l2e_dist.training.numerics import NonFiniteGuard, disable_deepspeed_min_scale_error, optimizer_loss_scale
@@ -194,6 +195,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
 def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -> TrainResult:
     """pretrain's run, while this job holds the output directory."""
     device = default_device()
+    check_compute_settings(cfg, device, layout.tp_size)  # a backend without a kernel fails here, not at step 1
     seed_everything(cfg.train.seed)
 
     datasets = _prepare_data(cfg, layout)
