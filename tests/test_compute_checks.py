@@ -73,12 +73,14 @@ def test_l2e_rounding_warning_names_the_key_and_the_fix():
     line = l2e_rounding_warning(faint)
     assert line is not None and "\n" not in line
     assert "l2e.reg_lambda=1e-12 in bf16 would mostly round away" in line and "raise l2e.reg_lambda" in line
+    assert "set l2e.grad_precision=fp32" in line
     needed = float(line.split("raise l2e.reg_lambda to >= ")[1].split(",")[0])
     assert l2e_rounding_warning(_config("deepspeed.precision=bf16", f"l2e.reg_lambda={needed * 1.01}")) is None
     for quiet in (("deepspeed.precision=fp32", "l2e.reg_lambda=1e-12"),
                   ("deepspeed.precision=bf16", "l2e.reg_lambda=1e-12", "l2e.method=memel"),
                   ("deepspeed.precision=bf16", "l2e.reg_lambda=1e-12", "l2e.method=none"),
-                  ("deepspeed.precision=bf16", "l2e.reg_lambda=0")):
+                  ("deepspeed.precision=bf16", "l2e.reg_lambda=0"),
+                  ("deepspeed.precision=bf16", "l2e.reg_lambda=1e-12", "l2e.grad_precision=fp32")):
         assert l2e_rounding_warning(_config(*quiet)) is None, quiet
     # fp16 resolves 8x finer than bf16: a lambda just above fp16's threshold warns in bf16 only.
     between = needed / 4

@@ -131,6 +131,8 @@ KEY_RULES: dict[str, Rule] = {
     **{f"l2e.{key}": L2E for key in (
         "layers", "activation", "retrieval", "inhibit_ratio", "topk", "reg_lambda", "reduction", "delta", "eps",
         "forget_steps", "late_start", "threshold_lr", "rd_strength", "fkr", "num_features", "eval_reference_score")},
+    "l2e.grad_precision": _experiment("whether the regularizer's gradient reaches the weights whole in bf16",
+                                      applies=_l2e_on),
     "l2e.max_nonfinite_steps": GUARD,
     **{f"logging.{key}": LOGGING for key in (
         "tensorboard", "wandb", "wandb_project", "wandb_mode", "progress_bar", "histogram_size")},

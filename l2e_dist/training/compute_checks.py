@@ -46,6 +46,8 @@ def l2e_rounding_warning(cfg: RunConfig) -> str | None:
     precision = cfg.deepspeed.precision
     if cfg.l2e.method != "l2e" or precision not in HALF_SURVIVES_RATIO or cfg.l2e.reg_lambda == 0:
         return None
+    if cfg.l2e.grad_precision == "fp32":  # the regularizer's gradient reaches the fp32 gradients apart
+        return None
     ratio = estimated_l2e_gradient_ratio(cfg)
     if ratio >= HALF_SURVIVES_RATIO[precision]:
         return None
@@ -53,8 +55,10 @@ def l2e_rounding_warning(cfg: RunConfig) -> str | None:
     return (
         f"warning: l2e.reg_lambda={cfg.l2e.reg_lambda:g} in {precision} would mostly round away: its gradient is "
         f"estimated at {ratio:.1g} of the LM gradient it is added to (about half survives at "
-        f"{HALF_SURVIVES_RATIO[precision]:.1g}); raise l2e.reg_lambda to >= {needed:.1g}, train in "
-        f"deepspeed.precision=fp32, or measure your shape with benchmarks/l2e_bf16_survival.py"
+        f"{HALF_SURVIVES_RATIO[precision]:.1g}); "
+        + ("set l2e.grad_precision=fp32 (ZeRO 0/1), " if precision == "bf16" else "")
+        + f"raise l2e.reg_lambda to >= {needed:.1g}, train in deepspeed.precision=fp32, or measure your shape "
+        "with benchmarks/l2e_bf16_survival.py"
     )
 
 

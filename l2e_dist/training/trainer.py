@@ -39,6 +39,7 @@ from l2e_dist.parallel.state import (
     tensor_and_data_parallel_group,
 )
 from l2e_dist.training.compute_checks import check_compute_settings
+from l2e_dist.training.l2e_precision import backward_micro_batch
 from l2e_dist.training.metrics import MetricsLogger
 from l2e_dist.training.neox_branch import continue_neox_optimizer, neox_branch
 from l2e_dist.training.numerics import NonFiniteGuard, disable_deepspeed_min_scale_error, optimizer_loss_scale
@@ -368,8 +369,10 @@ def train_micro_batch(engine, inhibitor: L2EInhibitor | None, tokens: torch.Tens
     """Forward, LM loss + L2E regularizer, backward, engine step (DeepSpeed applies the optimizer only at the
     gradient-accumulation boundary). L2E sums accumulate until end_l2e_step. Returns the mean LM loss."""
     lm_loss = engine(tokens[:, :-1], tokens[:, 1:], reduction="mean")
-    loss = lm_loss + inhibitor.regularization_loss() if inhibitor is not None else lm_loss
-    engine.backward(loss)
+    l2e_loss = inhibitor.regularization_loss() if inhibitor is not None else None
+    # l2e.grad_precision=fp32: the regularizer's own backward first (training/l2e_precision.py)
+    backward_micro_batch(engine, lm_loss, l2e_loss, separate=l2e_loss is not None and
+                         inhibitor.cfg.grad_precision == "fp32")
     engine.step()
     if inhibitor is not None:
         inhibitor.finish_micro_batch()
