@@ -129,3 +129,37 @@ def test_grad_precision_fp32_is_refused_where_it_cannot_act():
         with pytest.raises(ConfigError, match="l2e.grad_precision") as info:
             load_config([TINY], [*other, "l2e.grad_precision=fp32"])
         assert "l2e.grad_precision=activation" in str(info.value) or "remove it" in str(info.value)
+
+
+def _recorded_training(overrides: list[str]) -> dict:
+    """pretrain (tests.conftest.pretrain_result) with the trainer's backward recorded: (separate, whether the
+    micro-batch had a regularizer gradient) per call, and the losses."""
+    from l2e_dist.training import trainer
+    from tests.conftest import pretrain_result
+
+    calls = []
+    original = trainer.backward_micro_batch
+
+    def recording(engine, lm_loss, l2e_loss, separate):
+        calls.append((separate, l2e_loss is not None and l2e_loss.requires_grad))
+        return original(engine, lm_loss, l2e_loss, separate)
+
+    trainer.backward_micro_batch = recording
+    result = pretrain_result(overrides)
+    return {"calls": calls, "losses": result.losses}
+
+
+@pytest.mark.slow
+def test_trainer_takes_the_separate_backward_in_bf16(data_cache, tmp_path):
+    """Two data-parallel ranks, two micro-batches per step, bf16 + L2E with l2e.grad_precision=fp32: every
+    micro-batch goes through the separate backward, L2E selects after its late start, the losses stay finite."""
+    from tests.conftest import small_run_overrides
+
+    overrides = small_run_overrides(tmp_path / "run", data_cache, **{
+        "l2e.method": "l2e", "l2e.late_start": 2, "l2e.reg_lambda": 1e-9, "train.train_iters": 5,
+        "deepspeed.precision": "bf16", "deepspeed.zero_stage": 1, "l2e.grad_precision": "fp32"})
+    for rank in run_distributed(_recorded_training, 2, overrides):
+        assert len(rank["calls"]) == 5 * 2
+        assert all(separate for separate, _ in rank["calls"])
+        assert any(selecting for _, selecting in rank["calls"])
+        assert len(rank["losses"]) == 5 and all(loss == loss and loss < 20 for loss in rank["losses"])
