@@ -151,13 +151,15 @@ def _recorded_training(overrides: list[str]) -> dict:
 
 @pytest.mark.slow
 def test_trainer_takes_the_separate_backward_in_bf16(data_cache, tmp_path):
-    """Two data-parallel ranks, two micro-batches per step, bf16 + L2E with l2e.grad_precision=fp32: every
-    micro-batch goes through the separate backward, L2E selects after its late start, the losses stay finite."""
+    """Two data-parallel ranks, two micro-batches per step, activation checkpointing, bf16 + L2E with
+    l2e.grad_precision=fp32: every micro-batch goes through the separate backward, L2E selects after its late
+    start, the losses stay finite."""
     from tests.conftest import small_run_overrides
 
     overrides = small_run_overrides(tmp_path / "run", data_cache, **{
         "l2e.method": "l2e", "l2e.late_start": 2, "l2e.reg_lambda": 1e-9, "train.train_iters": 5,
-        "deepspeed.precision": "bf16", "deepspeed.zero_stage": 1, "l2e.grad_precision": "fp32"})
+        "deepspeed.precision": "bf16", "deepspeed.zero_stage": 1, "l2e.grad_precision": "fp32",
+        "train.activation_checkpointing": True})  # the second backward recomputes the checkpointed layers again
     for rank in run_distributed(_recorded_training, 2, overrides):
         assert len(rank["calls"]) == 5 * 2
         assert all(separate for separate, _ in rank["calls"])
