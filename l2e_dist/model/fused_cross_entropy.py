@@ -6,13 +6,15 @@ most of them over fp32. Here the chunk's logits stay in the weights' dtype as th
 kernels read them, computing in fp32 registers:
 
 1. statistics: per row the max, the sum of exponentials relative to it and the target's logit (one reduction
-   pass; TP ranks then combine their rows' (max, sum) exactly: sum * exp(max - global max));
+   kernel, reading the row once with Inductor's online softmax, else twice; TP ranks then combine their rows'
+   (max, sum) exactly: sum * exp(max - global max));
 2. gradient: softmax - onehot(target), written once in the weights' dtype (one pointwise pass).
 
 On CUDA both are `torch.compile`d (Inductor fuses each into one kernel); elsewhere they run eagerly, with the same
-arithmetic. The loss is the training mean: as in the chunked path its gradients are computed in the forward, chunk
-by chunk, and the backward only scales the saved grad_hidden and grad_weight by the upstream scalar; per-token
-losses (evaluation, reduction "none") go through the chunked path. Values and gradients equal the chunked path
+arithmetic (and more temporaries than the chunked path's in-place walk: on the CPU keep "chunked"). The loss is
+the training mean: as in the chunked path its gradients are computed in the forward, chunk by chunk, and the
+backward only scales the saved grad_hidden and grad_weight by the upstream scalar; per-token losses (evaluation,
+reduction "none") go through the chunked path. Values and gradients equal the chunked path
 (tests/test_fused_cross_entropy.py, TP=1 and vocab-parallel TP=2).
 """
 
