@@ -297,6 +297,7 @@ def cross_validate(cfg: RunConfig) -> None:
             cfg.l2e.resolve_layers(cfg.model.num_layers)
         except ConfigError as exc:
             raise ConfigError(f"l2e.{exc.key}", str(exc).split(": ", 1)[-1]) from None
+        check_l2e_grad_precision(cfg)
         # L2E counts optimizer steps: a start at or after the last step would never inhibit anything.
         start_key = "l2e.late_start" if cfg.l2e.late_start is not None else "l2e.forget_steps"
         if cfg.l2e.start_after >= cfg.train.train_iters:
@@ -305,6 +306,23 @@ def cross_validate(cfg: RunConfig) -> None:
                 f"L2E starts scoring after {cfg.l2e.start_after} optimizer steps but train.train_iters="
                 f"{cfg.train.train_iters}: nothing would be inhibited; lower it below train.train_iters",
             )
+
+
+def check_l2e_grad_precision(cfg: RunConfig) -> None:
+    """l2e.grad_precision=fp32 needs bf16 (fp32 runs keep the term whole already; fp16 accumulates gradients in
+    fp16), ZeRO 0/1 (DeepSpeed's BF16_Optimizer, whose fp32 buffers take each backward apart) and gradients
+    communicated in fp32."""
+    if cfg.l2e.grad_precision != "fp32":
+        return
+    if cfg.deepspeed.precision != "bf16":
+        raise ConfigError("l2e.grad_precision", f"fp32 applies to deepspeed.precision=bf16, not "
+                          f"{cfg.deepspeed.precision}: set l2e.grad_precision=activation")
+    if cfg.deepspeed.extra.get("communication_data_type", "fp32") != "fp32":
+        raise ConfigError("deepspeed.extra.communication_data_type", "l2e.grad_precision=fp32 reduces gradients in "
+                          "fp32 (bf16 would round the regularizer's part away again): remove it")
+    if cfg.deepspeed.zero_stage > 1:  # ZeRO-2 reduces each backward into its partitions and keeps only the last
+        raise ConfigError("l2e.grad_precision", f"fp32 supports deepspeed.zero_stage 0-1, not "
+                          f"{cfg.deepspeed.zero_stage}: set deepspeed.zero_stage=1 or l2e.grad_precision=activation")
 
 
 def validate_world(cfg: RunConfig, world_size: int) -> int:

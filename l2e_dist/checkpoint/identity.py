@@ -90,6 +90,8 @@ KEY_RULES: dict[str, Rule] = {
         "init_method", "output_layer_init_method", "init_std")},
     "model.intermediate_size": _experiment("the MLP width (null = 4 x hidden_size)", effective=_ffn_size),
     "model.loss_chunk_tokens": _free("compute only: how the LM head's loss is chunked"),
+    "model.cross_entropy": _free("compute only: how each chunk's softmax and gradient are computed"),
+    "model.attention_backend": _free("compute only: which attention kernel runs"),
     "parallel.tensor_parallel": LAYOUT,
     "parallel.dist_timeout_s": GUARD,
     "parallel.watchdog_timeout_s": GUARD,
@@ -129,6 +131,8 @@ KEY_RULES: dict[str, Rule] = {
     **{f"l2e.{key}": L2E for key in (
         "layers", "activation", "retrieval", "inhibit_ratio", "topk", "reg_lambda", "reduction", "delta", "eps",
         "forget_steps", "late_start", "threshold_lr", "rd_strength", "fkr", "num_features", "eval_reference_score")},
+    "l2e.grad_precision": _experiment("whether the regularizer's gradient reaches the weights whole in bf16",
+                                      applies=_l2e_on),
     "l2e.max_nonfinite_steps": GUARD,
     **{f"logging.{key}": LOGGING for key in (
         "tensorboard", "wandb", "wandb_project", "wandb_mode", "progress_bar", "histogram_size")},

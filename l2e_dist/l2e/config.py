@@ -42,6 +42,11 @@ class L2EConfig:
     reg_lambda: float = 1e-9  # lambda of L_MS = lambda * SUM log((z - mu)^2 + delta) (paper: 1e-9 to 1e-11)
     # sum: the paper's SUM over the global batch; mean: divided by the global token count.
     reduction: Literal["sum", "mean"] = "sum"
+    # bf16, ZeRO 0/1 only. activation: the regularizer's gradient is added to the bf16 activation gradient,
+    # where a small lambda rounds away; fp32: a separate backward of the regularizer, so that its weight
+    # gradients enter DeepSpeed's fp32 gradient buffers apart from the LM's, reduced in fp32
+    # (training/l2e_precision.py; one more partial backward per micro-batch, fp32 gradient communication).
+    grad_precision: Literal["activation", "fp32"] = "activation"
     delta: float = 1e-6  # keeps log((z - mu)^2 + delta) finite
     eps: float = 0.01  # score phi = (z - mu)^2 / (var + eps x the layer's mean var)
     # Counted in optimizer steps: statistics and the threshold update once per step.

@@ -33,6 +33,14 @@ class ModelConfig:
     # Compute only (not an architecture parameter): tokens per chunk of the output projection + cross entropy;
     # the fp32 logits held at once are loss_chunk_tokens x vocab/TP (4096 x 50304 x 4 B = 0.8 GB).
     loss_chunk_tokens: int = 4096
+    # Compute only: "chunked" upcasts each chunk's logits to fp32 and walks them in place; "fused" reads them in
+    # the weights' dtype in two passes (statistics, then the gradient), compiled into one kernel each on CUDA
+    # (model/fused_cross_entropy.py). Same values and gradients.
+    cross_entropy: Literal["chunked", "fused"] = "chunked"
+    # Compute only: the scaled-dot-product-attention kernel. auto: PyTorch's choice; math / flash / efficient /
+    # cudnn: that one (efficient and cudnn exist only on CUDA; a backend without a kernel for the run's device,
+    # dtype and head size is a config error at start-up, model/attention_backend.py).
+    attention_backend: Literal["auto", "math", "flash", "efficient", "cudnn"] = "auto"
 
     def validate(self) -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):

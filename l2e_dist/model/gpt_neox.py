@@ -30,8 +30,9 @@ from megatron.core.transformer import TransformerConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from l2e_dist.model.attention_backend import causal_attention
 from l2e_dist.model.config import ModelConfig
-from l2e_dist.model.lm_head_loss import chunked_lm_head_loss
+from l2e_dist.model.fused_cross_entropy import lm_head_loss_function
 
 
 def _linear(layer: nn.Module, x: torch.Tensor, tp_size: int) -> torch.Tensor:
@@ -176,6 +177,7 @@ class ParallelAttention(nn.Module):
         self.heads_local = cfg.num_attention_heads // tp
         self.head_dim = cfg.head_dim
         self.rotary_dims = cfg.rotary_dims
+        self.attention_backend = cfg.attention_backend
         h = cfg.hidden_size
         self.query_key_value = ColumnParallelLinear(
             h, 3 * h, config=mcfg, init_method=init_in, bias=True, gather_output=False
@@ -189,7 +191,7 @@ class ParallelAttention(nn.Module):
         b, s, _ = x.shape
         qkv = _linear(self.query_key_value, x, self.tp_size)
         q, k, v = split_qkv_rotary(qkv.view(b, s, self.heads_local, 3 * self.head_dim), cos, sin, self.rotary_dims)
-        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ctx = causal_attention(q, k, v, self.attention_backend)
         ctx = ctx.transpose(1, 2).reshape(b, s, self.heads_local * self.head_dim)
         return _linear(self.dense, ctx, self.tp_size) if reduce else F.linear(ctx, self.dense.weight)
 
@@ -320,4 +322,5 @@ class GPTNeoX(nn.Module):
         hidden = self.final_layer_norm(x)
         if labels is None:
             return _linear(self.embed_out, hidden, self.tp_size)
-        return chunked_lm_head_loss(hidden, self.embed_out.weight, labels, self.cfg.loss_chunk_tokens, reduction)
+        loss = lm_head_loss_function(self.cfg.cross_entropy)
+        return loss(hidden, self.embed_out.weight, labels, self.cfg.loss_chunk_tokens, reduction)

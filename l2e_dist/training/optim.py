@@ -131,6 +131,12 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
         # device at the start and the end of every micro-batch; the trainer measures throughput itself.
         "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
+    if cfg.l2e.grad_precision == "fp32":  # training/l2e_precision.py
+        # Each backward's bf16 gradients move into the fp32 buffers as they are ready (the regularizer's backward
+        # and the LM's never meet in bf16), and the step's reduction sends the fp32 sums: DeepSpeed's default
+        # (the model's dtype) would round them to bf16 there, and the regularizer's part with them.
+        config["bf16"]["immediate_grad_update"] = True
+        config["communication_data_type"] = "fp32"
     return deep_merge(config, ds.extra)
 
 

@@ -42,6 +42,8 @@ from l2e_dist.parallel.state import (
     set_collective_timeout,
     tensor_and_data_parallel_group,
 )
+from l2e_dist.training.compute_checks import check_compute_settings
+from l2e_dist.training.l2e_precision import backward_micro_batch
 from l2e_dist.training.metrics import MetricsLogger
 from l2e_dist.training.neox_branch import continue_neox_optimizer, neox_branch
 from l2e_dist.training.numerics import NonFiniteGuard, disable_deepspeed_min_scale_error, optimizer_loss_scale
@@ -194,6 +196,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     validate_world(cfg, layout.world_size)  # before the data: a wrong launch fails at once
     # One job per output_dir: before anything is read from or written to it (docs/launching.md).
     with hold_run_directory(cfg.train.output_dir, cfg.train.lock_heartbeat_s, layout.rank, share=from_rank0):
+        check_compute_settings(cfg, default_device(), layout.tp_size)  # a backend without a kernel fails here
         seed_everything(cfg.train.seed)
         datasets = _prepare_data(cfg, layout)
         resolved = resolve_run(cfg, layout.world_size, datasets)  # the caller's cfg stays as given
@@ -450,8 +453,9 @@ def train_micro_batch(
     mean LM loss."""
     with L2EMicroBatch(inhibitor, features) as l2e:
         lm_loss = engine(tokens[:, :-1], tokens[:, 1:], reduction="mean")
-        loss = lm_loss + l2e.loss()
-        engine.backward(loss)
+        # l2e.grad_precision=fp32: the L2E loss gets its own backward first (training/l2e_precision.py)
+        separate = inhibitor is not None and inhibitor.cfg.grad_precision == "fp32"
+        backward_micro_batch(engine, lm_loss, l2e.loss(), separate=separate)
         engine.step()
     return lm_loss
 
