@@ -92,6 +92,7 @@ KEY_RULES: dict[str, Rule] = {
     "model.loss_chunk_tokens": _free("compute only: how the LM head's loss is chunked"),
     "parallel.tensor_parallel": LAYOUT,
     "parallel.dist_timeout_s": GUARD,
+    "parallel.startup_timeout_s": GUARD,
     "parallel.watchdog_timeout_s": GUARD,
     "parallel.device": LAYOUT,
     "train.seq_length": _experiment("the samples and the data position"),

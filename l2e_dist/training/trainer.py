@@ -184,7 +184,7 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     preempt = PreemptionHandler(tuple(cfg.train.preempt_signals), check_every=cfg.train.preempt_check_every)
     if threading.current_thread() is threading.main_thread():
         preempt.install()  # first: a signal before this would kill the process without a checkpoint
-    layout = init_process_groups(cfg.parallel.tensor_parallel, cfg.parallel.dist_timeout_s, cfg.parallel.device)
+    layout = init_process_groups(cfg.parallel.tensor_parallel, cfg.parallel.startup_timeout_s, cfg.parallel.device)
     validate_world(cfg, layout.world_size)  # before the data: a wrong launch fails at once
     # One job per output_dir: before anything is read from or written to it (docs/launching.md).
     with hold_run_directory(cfg.train.output_dir, cfg.train.lock_heartbeat_s, layout.rank, share=from_rank0):
@@ -277,6 +277,8 @@ def _train(cfg: RunConfig, layout: ParallelLayout, preempt: PreemptionHandler) -
         # One scalar all_reduce per step: every rank sees the same mean loss, so all stop together.
         dist.all_reduce(step_loss, group=dp_group)
         mean_step_loss = step_loss.item() / dp_size
+        if step == start_step + 1:  # set-up and the first step are done: a hang from now on fails sooner
+            set_collective_timeout(cfg.parallel.dist_timeout_s)
         guard.after_step(step, mean_step_loss, engine.was_step_applied(), optimizer_loss_scale(engine))
         loss_sum += mean_step_loss
         steps_since_log += 1
