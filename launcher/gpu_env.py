@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from l2e_dist.parallel.gpu_env import cuda_launch_environment, missing_from, nccl_environment
 
+
 def _config_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """The --config files and --set overrides of a launcher.pretrain command line (other arguments ignored)."""
     configs, overrides = [], []
