@@ -10,6 +10,7 @@ trainer then reports the config error in its own words).
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import sys
@@ -51,9 +52,19 @@ def job_environment(argv: Sequence[str], environ: Mapping[str, str]) -> dict[str
     return missing_from(environ, {**cuda_launch_environment(tensor_parallel), **nccl_environment(trace_prefix)})
 
 
+EXAMPLES = """examples:
+  l2e-gpu-env --config configs/pythia-410m.yaml --set parallel.tensor_parallel=2
+  eval "$(python3 -m launcher.gpu_env --config configs/pythia-160m.yaml)"   # in a job script, before srun
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    for name, value in job_environment(argv, os.environ).items():
+    parser = argparse.ArgumentParser(
+        prog="l2e-gpu-env", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Print `export NAME=value` lines for the CUDA/NCCL environment of the launcher.pretrain "
+                    "command line given (every argument but --help is the pretrain command line's).")
+    _, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    for name, value in job_environment(rest, os.environ).items():
         print(f"export {name}={shlex.quote(value)}")
     return 0
 

@@ -166,7 +166,7 @@ def test_job_scripts_ask_for_gpus_and_export_the_gpu_environment_first(script):
     tasks = [d for d in directives if d.startswith("--ntasks-per-node=")]
     assert gpus and tasks and gpus[0].rsplit("=", 1)[1].rsplit(":", 1)[-1] == tasks[0].split("=")[1], directives
     export_at = text.index("-m launcher.gpu_env")
-    assert export_at < text.index("srun "), "the CUDA/NCCL environment must be exported before any rank starts"
+    assert export_at < text.index("\nsrun "), "the CUDA/NCCL environment must be exported before any rank starts"
 
 
 def test_pythia_configs_say_cuda():
