@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one-command GPU check, for the GPU machine as it is (Python 3.12, torch 2.11+, no package index):
-# installs the carried wheels (scripts/gpu_wheels.sh filled gpu-wheels/ beforehand) offline into OUT_DIR/site,
+# installs the carried wheels (scripts/gpu_wheels.sh filled gpu-wheels/ beforehand) offline into WORK/site,
 # then runs, each step with its own time limit and its own result file written as soon as it ends:
-#   install   pip install --no-index of gpu-wheels/*.whl into OUT_DIR/site (the image's torch is used)
+#   install   pip install --no-index of gpu-wheels/*.whl into WORK/site (the image's torch is used)
 #   steps     ONE process: versions (env.json), NCCL world of 1 + the L2E reduction over it (nccl.json), bf16
 #             logits vs transformers (logits.json)
 #   bench_*   l2e-bench pythia-410m bf16 seq 2048 per named case (eager, compile with its own budget and
@@ -14,7 +14,7 @@
 #   scripts/gpu_check.sh OUT_DIR                # on the GPU machine, from the repository root
 #   scripts/gpu_check.sh OUT_DIR --cpu-smoke    # tiny shapes, fp32, on CPU: the plumbing (tests/test_gpu_check.py)
 #
-# Environment: PYTHON (default python3), GPU_WHEELS (default ./gpu-wheels; absent or empty: use the installed
+# Environment: PYTHON (default python3), GPU_CHECK_WORK (scratch, default OUT_DIR/work), GPU_WHEELS (default ./gpu-wheels; absent or empty: use the installed
 # environment), GPU_CHECK_BENCH_CASES (default "eager compile"; add a case by name in BENCH_CASE_SETS below).
 # Exit code: 0 when every step passed, 1 when one failed (the JSON says which), 2 on a usage error.
 set -u -o pipefail
@@ -28,13 +28,19 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 2
 mkdir -p "$OUT" || { echo "gpu_check: cannot create $OUT" >&2; exit 2; }
 OUT=$(cd "$OUT" && pwd)
+# Scratch (installed wheels, corpus, the pretrain run, the inductor cache, the step table, the junit XML) apart
+# from the results, so OUT holds only the few files worth returning (gpu_check.log, gpu_check.json and one
+# JSON per step): on the device machine pass GPU_CHECK_WORK=/tmp/... and OUT=$OUT (at most 8 files come back).
+WORK=${GPU_CHECK_WORK:-$OUT/work}
+mkdir -p "$WORK" || { echo "gpu_check: cannot create $WORK" >&2; exit 2; }
+WORK=$(cd "$WORK" && pwd)
 LOG="$OUT/gpu_check.log"
-STEPS="$OUT/steps.tsv"
+STEPS="$WORK/steps.tsv"
 : > "$LOG"
 : > "$STEPS"
 PY=${PYTHON:-python3}
 WHEELS=${GPU_WHEELS:-$ROOT/gpu-wheels}
-SITE="$OUT/site"
+SITE="$WORK/site"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
 CHECK_START=$(date +%s)
@@ -112,7 +118,7 @@ fi
 # A new flag to measure (an attention backend, a fused loss) is one more entry here and a name in the list.
 declare -A BENCH_CASE_SETS=([eager]="" [compile]="train.compile=true")
 read -ra BENCH_CASES <<<"${GPU_CHECK_BENCH_CASES:-$([[ $MODE == gpu ]] && echo "eager compile" || echo "eager")}"
-export TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache"   # the compile case's own cache, reported with it
+export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-cache"   # the compile case's own cache, reported with it
 
 step steps "$LIMIT_STEPS" "$PY" "$ROOT/scripts/gpu_check_steps.py" "$OUT" "$DEVICE"
 
@@ -132,12 +138,12 @@ pretrain() {
 }
 export -f pretrain
 step pretrain "$LIMIT_PRETRAIN" bash -c 'pretrain "$@"' pretrain "${PRETRAIN[@]}" \
-    --set data.paths=[] --set data.tokenizer=null --set "data.cache_dir=$OUT/data" --set "train.output_dir=$OUT/pretrain" \
+    --set data.paths=[] --set data.tokenizer=null --set "data.cache_dir=$WORK/data" --set "train.output_dir=$WORK/pretrain" \
     --set train.log_interval=2 --set train.eval_interval=0 --set train.save_interval=0 \
     --set logging.progress_bar=false --set logging.tensorboard=false --set "parallel.device=$DEVICE"
 
 step cuda_tests "$LIMIT_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_gpu.py \
-    --junitxml "$OUT/cuda_tests.xml"
+    --junitxml "$WORK/cuda_tests.xml"
 
 echo "gpu_check: $(($(date +%s) - CHECK_START)) s in all" >> "$LOG"
-"$PY" "$ROOT/scripts/gpu_check_report.py" "$OUT" "$MODE"
+"$PY" "$ROOT/scripts/gpu_check_report.py" "$OUT" "$MODE" "$WORK"

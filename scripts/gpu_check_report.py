@@ -4,7 +4,7 @@ peak memory, L2E overhead), the l2e-pretrain run's logged losses and the CUDA te
 measured against its goal (`targets`). Exit 1 when a step failed or a correctness target (logits, NCCL, loss
 falling) was missed; the performance targets (MFU, L2E overhead) are reported, met or not, without failing.
 
-    python scripts/gpu_check_report.py OUT_DIR MODE
+    python3 scripts/gpu_check_report.py OUT_DIR MODE WORK_DIR
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 
-def _tests(out: Path) -> dict:
-    path = out / "cuda_tests.xml"
+def _tests(work: Path) -> dict:
+    path = work / "cuda_tests.xml"
     if not path.is_file():
         return {"ran": False}
     suite = ET.parse(path).getroot()
@@ -48,8 +48,8 @@ def _bench(path: Path) -> dict:
             "peak_tflops": meta["peak_tflops"], "variants": variants, "overhead_vs_none": overhead}
 
 
-def _pretrain(out: Path) -> dict:
-    metrics = out / "pretrain" / "metrics.jsonl"
+def _pretrain(work: Path) -> dict:
+    metrics = work / "pretrain" / "metrics.jsonl"
     if not metrics.is_file():
         return {"ok": False, "problem": "no metrics.jsonl"}
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -99,17 +99,17 @@ def _targets(report: dict) -> dict:
     return targets
 
 
-def main(out_dir: str, mode: str) -> int:
-    out = Path(out_dir)
+def main(out_dir: str, mode: str, work_dir: str) -> int:
+    out, work = Path(out_dir), Path(work_dir)
     steps = []
-    for line in (out / "steps.tsv").read_text().splitlines():
+    for line in (work / "steps.tsv").read_text().splitlines():
         name, rc, secs = line.split("\t")
         steps.append({"name": name, "rc": int(rc), "seconds": float(secs)})
     report = {"mode": mode, "steps": steps, "total_seconds": sum(s["seconds"] for s in steps),
               "env": _step_json(out, "env"), "nccl": _step_json(out, "nccl"), "logits": _step_json(out, "logits"),
-              "cuda_tests": _tests(out),
+              "cuda_tests": _tests(work),
               "bench": {p.stem: _bench(p) for p in sorted(out.glob("bench_*.json"))},
-              "pretrain": _pretrain(out)}
+              "pretrain": _pretrain(work)}
     report["targets"] = _targets(report)
     failed = [s["name"] for s in steps if s["rc"] != 0]
     if not report["pretrain"]["ok"]:
@@ -131,7 +131,7 @@ def main(out_dir: str, mode: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        print("usage: gpu_check_report.py OUT_DIR MODE", file=sys.stderr)
+    if len(sys.argv) != 4:
+        print("usage: gpu_check_report.py OUT_DIR MODE WORK_DIR", file=sys.stderr)
         sys.exit(2)
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(*sys.argv[1:]))

@@ -52,6 +52,14 @@ fi
 ls "$DIR.tmp"/deepspeed-*-py3-none-any.whl >/dev/null 2>&1 \
     || { echo "gpu_wheels: the deepspeed wheel is not pure Python (py3-none-any): check DS_BUILD_OPS" >&2; exit 1; }
 if ls "$DIR.tmp" | grep -qi '^torch-'; then echo "gpu_wheels: torch must not be carried" >&2; exit 1; fi
+# Every wheel must install on the GPU machine's Python: a dry install for cp312 manylinux x86_64 into a scratch
+# target (pip checks each wheel's tags), as gpu_check.sh installs them there.
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+"$PY" -m pip install -q --no-index --no-deps --no-compile --target "$scratch" --python-version 3.12 \
+    --implementation cp --only-binary=:all: --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "$DIR.tmp"/*.whl \
+    || { echo "gpu_wheels: the wheels do not install together on cp312 manylinux x86_64" >&2; exit 1; }
 rm -rf "$DIR"
 mv "$DIR.tmp" "$DIR"
 total=$(du -cb "$DIR"/*.whl | tail -1 | cut -f1)

@@ -35,15 +35,15 @@ def fake_wheel_folder(folder) -> None:
 
 @pytest.mark.slow
 def test_gpu_check_cpu_smoke_writes_one_json_and_log(tmp_path):
-    """The whole check on CPU: the offline install of a wheel folder into OUT/site (then importable by the steps),
+    """The whole check on CPU: the offline install of a wheel folder into WORK/site (then importable),
     `python3` only (the GPU image has no `python`: a `python` on PATH fails here), every step's JSON, the targets."""
     fake_wheel_folder(tmp_path / "wheels")
     shim = tmp_path / "bin"
     shim.mkdir()
     (shim / "python").write_text("#!/bin/sh\necho 'python is not on the GPU image: use python3' >&2\nexit 127\n")
     (shim / "python").chmod(0o755)
-    out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPU_CHECK_PORT": str(free_port()),
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {"GPU_CHECK_WORK": str(work), **os.environ, "OMP_NUM_THREADS": "1", "GPU_CHECK_PORT": str(free_port()),
            "GPU_WHEELS": str(tmp_path / "wheels"), "PATH": f"{shim}:{os.environ['PATH']}"}
     env.pop("PYTHON", None)
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--cpu-smoke"],
@@ -56,8 +56,11 @@ def test_gpu_check_cpu_smoke_writes_one_json_and_log(tmp_path):
     assert [s["name"] for s in report["steps"]] == ["install", "steps", "bench_eager", "pretrain", "cuda_tests"]
     assert report["cuda_tests"]["ran"] and report["cuda_tests"]["counts"]["skipped"] >= 5  # no CUDA here
     installed = subprocess.run(["python3", "-c", f"import {PROBE}; print({PROBE}.WHERE)"], capture_output=True,
-                               text=True, env={**os.environ, "PYTHONPATH": str(out / "site")}, check=True)
-    assert installed.stdout.strip() == str(out / "site")
+                               text=True, env={**os.environ, "PYTHONPATH": str(work / "site")}, check=True)
+    assert installed.stdout.strip() == str(work / "site")
+    returned = sorted(p.name for p in out.iterdir() if p.is_file())  # what a device call would bring back
+    assert returned == ["bench_eager.json", "env.json", "gpu_check.json", "gpu_check.log", "logits.json",
+                        "nccl.json"], returned
     assert report["env"]["ok"] and report["env"]["versions"]["deepspeed"] and report["env"]["versions"]["torch"]
     assert report["nccl"]["backend"] == "gloo" and report["nccl"]["l2e_state_entries"] > 0
     assert report["logits"]["ok"] and report["targets"]["bf16_logits_vs_transformers"]["met"]
