@@ -96,8 +96,8 @@ if [[ $MODE == gpu ]]; then
               --set train.train_iters=40 --set optimizer.lr=6e-4 --set deepspeed.precision=bf16
               --set optimizer.lr_decay_iters=40 --set optimizer.warmup_fraction=0.1
               --set optimizer.schedule=warmup_decay --set l2e.late_start=4)
-    LIMIT_STEPS=75; LIMIT_PRETRAIN=100; LIMIT_TESTS=90
-    declare -A LIMIT_BENCH_OF=([eager]=70 [compile]=100)
+    LIMIT_STEPS=75; LIMIT_PRETRAIN=120; LIMIT_TESTS=90
+    declare -A LIMIT_BENCH_OF=([eager]=60 [compile]=100)
 else
     DEVICE=cpu
     BENCH_CONFIG=configs/tiny.yaml; BENCH_MICRO=2
@@ -142,7 +142,9 @@ step pretrain "$LIMIT_PRETRAIN" bash -c 'pretrain "$@"' pretrain "${PRETRAIN[@]}
     --set train.log_interval=2 --set train.eval_interval=0 --set train.save_interval=0 \
     --set logging.progress_bar=false --set logging.tensorboard=false --set "parallel.device=$DEVICE"
 
+# The logits test is the steps process's logits.json already: not paid twice.
 step cuda_tests "$LIMIT_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_gpu.py \
+    -k "not test_bf16_logits_match_transformers_on_cuda" \
     --junitxml "$WORK/cuda_tests.xml"
 
 echo "gpu_check: $(($(date +%s) - CHECK_START)) s in all" >> "$LOG"

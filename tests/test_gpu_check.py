@@ -54,7 +54,7 @@ def test_gpu_check_cpu_smoke_writes_one_json_and_log(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["ok"] and report["mode"] == "cpu-smoke" and not report["failed"]
     assert [s["name"] for s in report["steps"]] == ["install", "steps", "bench_eager", "pretrain", "cuda_tests"]
-    assert report["cuda_tests"]["ran"] and report["cuda_tests"]["counts"]["skipped"] >= 5  # no CUDA here
+    assert report["cuda_tests"]["ran"] and report["cuda_tests"]["counts"]["skipped"] >= 4  # no CUDA here
     installed = subprocess.run(["python3", "-c", f"import {PROBE}; print({PROBE}.WHERE)"], capture_output=True,
                                text=True, env={**os.environ, "PYTHONPATH": str(work / "site")}, check=True)
     assert installed.stdout.strip() == str(work / "site")
