@@ -15,7 +15,8 @@ DIR=${1:-gpu-wheels}
 MAX_MIB=${GPU_WHEELS_MAX_MIB:-40}
 PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# Every wheel named explicitly (--no-deps): the image's own packages stay in charge, one version of each here.
+# Every wheel named explicitly (--no-deps): the image's own packages (scripts/gpu_image_packages.txt) stay in
+# charge, one version of each here; tests/test_gpu_wheels.py checks that image + these cover every requirement.
 # deepspeed/megatron-core/datasets at the project's pins (pyproject.toml); the rest are their requirements
 # that the image does not have (pydantic for deepspeed; dill/multiprocess for datasets; hjson for deepspeed;
 # zstandard for l2e_dist.data.sources), at the versions verified with them here.
@@ -26,7 +27,7 @@ BINARY_WHEELS=(
     pydantic-core==2.46.4
     annotated-types==0.7.0
     typing-inspection==0.4.2
-    typing-extensions==4.15.0
+    typing-extensions==4.15.0   # the image has one, of a version never read; pydantic-core needs >= 4.14.1
     hjson==3.1.0
     dill==0.4.1
     multiprocess==0.70.19
