@@ -27,7 +27,7 @@ BINARY_WHEELS=(
     pydantic-core==2.46.4
     annotated-types==0.7.0
     typing-inspection==0.4.2
-    typing-extensions==4.15.0   # the image has one, of a version never read; pydantic-core needs >= 4.14.1
+    typing-extensions==4.16.0   # the image has one, of a version never read; pydantic-core needs >= 4.14.1
     hjson==3.1.0
     dill==0.4.1
     multiprocess==0.70.19
