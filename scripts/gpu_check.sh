@@ -65,6 +65,8 @@ step() {
     local secs; secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
     printf '%s\t%s\t%s\n' "$name" "$rc" "$secs" >> "$STEPS"
     echo "gpu_check: $name rc=$rc (${secs}s)"
+    # gpu_check.json after every step: a check killed from outside still leaves what it measured, summarised.
+    "$PY" "$ROOT/scripts/gpu_check_report.py" "$OUT" "$MODE" "$WORK" --quiet >> "$LOG" 2>&1
 }
 
 # The carried wheels, offline, into a target folder that shadows nothing of the image but what it lacks.

@@ -4,7 +4,7 @@ peak memory, L2E overhead), the l2e-pretrain run's logged losses and the CUDA te
 measured against its goal (`targets`). Exit 1 when a step failed or a correctness target (logits, NCCL, loss
 falling) was missed; the performance targets (MFU, L2E overhead) are reported, met or not, without failing.
 
-    python3 scripts/gpu_check_report.py OUT_DIR MODE WORK_DIR
+    python3 scripts/gpu_check_report.py OUT_DIR MODE WORK_DIR [--quiet]     # --quiet: after each step
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _targets(report: dict) -> dict:
     return targets
 
 
-def main(out_dir: str, mode: str, work_dir: str) -> int:
+def main(out_dir: str, mode: str, work_dir: str, quiet: bool = False) -> int:
     out, work = Path(out_dir), Path(work_dir)
     steps = []
     for line in (work / "steps.tsv").read_text().splitlines():
@@ -122,6 +122,8 @@ def main(out_dir: str, mode: str, work_dir: str) -> int:
     tmp = out / "gpu_check.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, out / "gpu_check.json")
+    if quiet:  # an interim report, after one step
+        return 0 if report["ok"] else 1
     for name, target in report["targets"].items():
         verdict = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
         print(f"gpu_check: target {name}: {verdict} (measured {target['measured']}, goal {target['goal']})")
@@ -131,7 +133,7 @@ def main(out_dir: str, mode: str, work_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
-        print("usage: gpu_check_report.py OUT_DIR MODE WORK_DIR", file=sys.stderr)
+    if len(sys.argv) not in (4, 5) or sys.argv[4:] not in ([], ["--quiet"]):
+        print("usage: gpu_check_report.py OUT_DIR MODE WORK_DIR [--quiet]", file=sys.stderr)
         sys.exit(2)
-    sys.exit(main(*sys.argv[1:]))
+    sys.exit(main(*sys.argv[1:4], quiet=len(sys.argv) == 5))

@@ -243,3 +243,27 @@ def test_startup_timeout_below_the_collective_timeout_is_refused():
 
     with pytest.raises(ConfigError, match="startup_timeout_s.*dist_timeout_s"):
         load_config([str(ROOT / "configs" / "tiny.yaml")], ["parallel.startup_timeout_s=100"])
+
+
+def test_process_without_the_job_environment_gets_the_nccl_part_and_a_late_cuda_warning(monkeypatch, tmp_path):
+    """init_process_groups on CUDA: the NCCL variables (read when the process group is created) are defaulted
+    and the flight recorder's folder made; CUDA_DEVICE_MAX_CONNECTIONS is set while CUDA is not initialised,
+    and once it is, only a warning says to export it in the job script (setting it then would do nothing)."""
+    import os
+
+    from l2e_dist.parallel import gpu_env, state
+
+    names = ["CUDA_DEVICE_MAX_CONNECTIONS", "TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
+             *gpu_env.nccl_environment()]
+    for name in names:
+        monkeypatch.setenv(name, "recorded")  # so that monkeypatch restores the original
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.warns(UserWarning, match="CUDA_DEVICE_MAX_CONNECTIONS would come too late.*launcher.gpu_env"):
+        state._set_cuda_environment(2)
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
+    assert all(os.environ[k] == v for k, v in gpu_env.nccl_environment().items())
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setenv("TORCH_FR_DUMP_TEMP_FILE", str(tmp_path / "trace" / "rank_"))
+    state._set_cuda_environment(2)
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and (tmp_path / "trace").is_dir()
