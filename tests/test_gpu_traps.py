@@ -64,7 +64,7 @@ class HostSyncDetector(TorchDispatchMode):
         return out
 
 
-def _meta_bf16_step_events(method: str, steps: int, plant_item: bool) -> list[list[str]]:
+def _meta_bf16_step_events(method: str, steps: int, plant_item: bool, fkr: bool = False) -> list[list[str]]:
     """bf16 training steps (forward, LM loss + L2E regularizer, backward, L2E's end of step) on the meta device
     with L2E selecting from the second step; per step, the host syncs and CPU tensors the detector saw."""
     from l2e_dist.config import RunConfig
@@ -79,6 +79,7 @@ def _meta_bf16_step_events(method: str, steps: int, plant_item: bool) -> list[li
         cfg.model = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=256,
                                 max_position_embeddings=64)
         cfg.l2e.method, cfg.l2e.forget_steps, cfg.l2e.late_start = method, 1, 1
+        cfg.l2e.fkr, cfg.l2e.num_features = fkr, 4 if fkr else 0
         meta = torch.device("meta")
         with meta:
             model = GPTNeoX(cfg.model).to(torch.bfloat16)
@@ -89,6 +90,8 @@ def _meta_bf16_step_events(method: str, steps: int, plant_item: bool) -> list[li
             step_loss = torch.zeros((), dtype=torch.float64, device=meta)
             with HostSyncDetector() as detector:
                 for micro in tokens[step]:
+                    if inhibitor is not None:
+                        inhibitor.set_features(torch.zeros_like(micro[:, :-1]) if fkr else None)
                     lm_loss = model(micro[:, :-1], micro[:, 1:], reduction="mean")
                     loss = lm_loss + inhibitor.regularization_loss() if inhibitor is not None else lm_loss
                     loss.backward()
@@ -110,12 +113,12 @@ def test_host_sync_detector_reports_a_planted_read():
     assert per_step == [[DEVICE_TO_HOST]], per_step
 
 
-@pytest.mark.parametrize("method", ["none", "l2e", "memel"])
-def test_bf16_step_on_the_meta_device_never_syncs_with_the_host(method):
+@pytest.mark.parametrize(("method", "fkr"), [("none", False), ("l2e", False), ("memel", False), ("l2e", True)])
+def test_bf16_step_on_the_meta_device_never_syncs_with_the_host(method, fkr):
     """Forward, backward and L2E's step boundary must stay on the device: no data-dependent shape, no CPU tensor,
     and no value read but L2E's one per optimizer step (its merged scalars, l2e/merge.py). The trainer's read of
     the step loss (after its all_reduce) is outside the detector."""
-    (per_step,) = run_distributed(_meta_bf16_step_events, 1, method, 3, False)
+    (per_step,) = run_distributed(_meta_bf16_step_events, 1, method, 3, False, fkr)
     expected = [] if method == "none" else [DEVICE_TO_HOST]
     assert per_step == [expected] * 3, per_step
 
