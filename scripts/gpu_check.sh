@@ -69,6 +69,13 @@ step() {
     "$PY" "$ROOT/scripts/gpu_check_report.py" "$OUT" "$MODE" "$WORK" --quiet >> "$LOG" 2>&1
 }
 
+# Bench cases by name: each is one l2e-bench process (its own peak memory) with these --set overrides.
+# A new flag to measure (an attention backend, a fused loss) is one more entry here and a name in the list.
+declare -A BENCH_CASE_SETS=([eager]="" [compile]="train.compile=true")
+read -ra BENCH_CASES <<<"${GPU_CHECK_BENCH_CASES:-$([[ $MODE == gpu ]] && echo "eager compile" || echo "eager")}"
+for case in "${BENCH_CASES[@]}"; do
+    [[ -v BENCH_CASE_SETS[$case] ]] || { echo "gpu_check: unknown bench case $case (known: ${!BENCH_CASE_SETS[*]})" >&2; exit 2; }
+done
 # The carried wheels, offline, into a target folder that shadows nothing of the image but what it lacks.
 install_wheels() {
     local wheels=("$WHEELS"/*.whl)
@@ -116,16 +123,11 @@ else
     BUDGET_S=${GPU_CHECK_BUDGET_S:-1400}   # a loaded 2-core CI machine
     declare -A LIMIT_BENCH_OF=([eager]=300 [compile]=600)
 fi
-# Bench cases by name: each is one l2e-bench process (its own peak memory) with these --set overrides.
-# A new flag to measure (an attention backend, a fused loss) is one more entry here and a name in the list.
-declare -A BENCH_CASE_SETS=([eager]="" [compile]="train.compile=true")
-read -ra BENCH_CASES <<<"${GPU_CHECK_BENCH_CASES:-$([[ $MODE == gpu ]] && echo "eager compile" || echo "eager")}"
 export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-cache"   # the compile case's own cache, reported with it
 
 step steps "$LIMIT_STEPS" "$PY" "$ROOT/scripts/gpu_check_steps.py" "$OUT" "$DEVICE"
 
 for case in "${BENCH_CASES[@]}"; do
-    [[ -v BENCH_CASE_SETS[$case] ]] || { echo "gpu_check: unknown bench case $case (known: ${!BENCH_CASE_SETS[*]})" >&2; exit 2; }
     sets=()
     for kv in ${BENCH_CASE_SETS[$case]}; do sets+=(--set "$kv"); done
     step "bench_$case" "${LIMIT_BENCH_OF[$case]:-120}" "$PY" -m launcher.bench --config "$BENCH_CONFIG" \

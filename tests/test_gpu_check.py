@@ -78,3 +78,7 @@ def test_gpu_check_usage_errors(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path), "--bogus"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "usage" in proc.stderr
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path), "--cpu-smoke"],
+                          capture_output=True, text=True, env={**os.environ, "GPU_CHECK_BENCH_CASES": "eager bogus"})
+    assert proc.returncode == 2 and "unknown bench case bogus" in proc.stderr
+    assert not (tmp_path / "work" / "steps.tsv").read_text()  # refused before any step ran
