@@ -125,6 +125,13 @@ else
 fi
 export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-cache"   # the compile case's own cache, reported with it
 
+# The pretrain step's corpus (stdlib docstrings, keyed by the Python version: it cannot be carried) is built on
+# the CPU in the background while the GPU steps run; the pretrain step finds it (or waits on its lock).
+"$PY" -c "import sys; from l2e_dist.data.default_corpus import prepare_default_corpus as p; p(sys.argv[1])" \
+    "$WORK/data" > "$WORK/corpus.log" 2>&1 &
+CORPUS_PID=$!
+trap 'kill "$CORPUS_PID" 2>/dev/null' EXIT
+
 step steps "$LIMIT_STEPS" "$PY" "$ROOT/scripts/gpu_check_steps.py" "$OUT" "$DEVICE"
 
 for case in "${BENCH_CASES[@]}"; do
