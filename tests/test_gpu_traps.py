@@ -240,12 +240,17 @@ def test_collective_timeout_is_shortened_after_the_first_step(tmp_path, data_cac
     assert ("set", 1000.0) in events[first_micro:second_micro], events
 
 
-def test_startup_timeout_below_the_collective_timeout_is_refused():
+def test_startup_timeout_is_never_below_the_collective_timeout():
     from l2e_dist.config import load_config
     from l2e_dist.config_utils import ConfigError
 
-    with pytest.raises(ConfigError, match="startup_timeout_s.*dist_timeout_s"):
-        load_config([str(ROOT / "configs" / "tiny.yaml")], ["parallel.startup_timeout_s=100"])
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    dist_timeout = load_config([tiny]).parallel.dist_timeout_s
+    assert load_config([tiny], ["parallel.startup_timeout_s=100"]).parallel.startup_collective_timeout_s() == (
+        dist_timeout)
+    assert load_config([tiny]).parallel.startup_collective_timeout_s() == 3600
+    with pytest.raises(ConfigError, match="startup_timeout_s"):
+        load_config([tiny], ["parallel.startup_timeout_s=0"])
 
 
 def test_process_without_the_job_environment_gets_the_nccl_part_and_a_late_cuda_warning(monkeypatch, tmp_path):

@@ -184,7 +184,8 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     preempt = PreemptionHandler(tuple(cfg.train.preempt_signals), check_every=cfg.train.preempt_check_every)
     if threading.current_thread() is threading.main_thread():
         preempt.install()  # first: a signal before this would kill the process without a checkpoint
-    layout = init_process_groups(cfg.parallel.tensor_parallel, cfg.parallel.startup_timeout_s, cfg.parallel.device)
+    layout = init_process_groups(
+        cfg.parallel.tensor_parallel, cfg.parallel.startup_collective_timeout_s(), cfg.parallel.device)
     validate_world(cfg, layout.world_size)  # before the data: a wrong launch fails at once
     # One job per output_dir: before anything is read from or written to it (docs/launching.md).
     with hold_run_directory(cfg.train.output_dir, cfg.train.lock_heartbeat_s, layout.rank, share=from_rank0):
