@@ -422,11 +422,13 @@ def _slow_phase(watchdog, cfg: RunConfig, step: int, phase: str):
     collective timeout both allow SLOW_PHASE_FACTOR x theirs (the collective one stays the longer)."""
     if watchdog is not None:
         watchdog.heartbeat(step, phase=phase, allow_s=SLOW_PHASE_FACTOR * watchdog.timeout_s)
-    set_collective_timeout(SLOW_PHASE_FACTOR * cfg.parallel.dist_timeout_s)
+    # Before the loop (step 0: resume, the initial snapshot) the start-up timeout still holds until step 1 ends.
+    after = cfg.parallel.startup_collective_timeout_s() if step == 0 else cfg.parallel.dist_timeout_s
+    set_collective_timeout(max(SLOW_PHASE_FACTOR * cfg.parallel.dist_timeout_s, after))
     try:
         yield
     finally:
-        set_collective_timeout(cfg.parallel.dist_timeout_s)
+        set_collective_timeout(after)
 
 
 def _client_state(inhibitor, step: int, run: ResolvedRun) -> dict:
