@@ -29,6 +29,10 @@ class ParallelConfig:
     # A rank waiting longer than this on a collective fails the job. Longer than the watchdog's timeout (plus
     # the time it takes to report), so that a hang is ended by the watchdog, which names the silent rank.
     dist_timeout_s: float = 1200.0
+    # The collective timeout until the first step is done (NCCL communicators, data index maps, the first
+    # compile and the first step's collectives may take long; never below dist_timeout_s); dist_timeout_s
+    # applies from then on.
+    startup_timeout_s: float = 3600.0
     # A rank whose training loop shows no progress for this long exits non-zero, naming the silent peer
     # (a dead or hung rank otherwise leaves the others blocked). 0 disables the watchdog.
     watchdog_timeout_s: float = 900.0
@@ -36,11 +40,16 @@ class ParallelConfig:
     # none fails); cuda: a GPU or a one-line error; cpu: the CPU (+ gloo) even on a GPU node.
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
+    def startup_collective_timeout_s(self) -> float:
+        return max(self.startup_timeout_s, self.dist_timeout_s)
+
     def validate(self) -> None:
         if self.tensor_parallel < 1:
             raise ConfigError("tensor_parallel", f"must be >= 1, got {self.tensor_parallel}")
         if self.dist_timeout_s <= 0:
             raise ConfigError("dist_timeout_s", "must be > 0")
+        if self.startup_timeout_s <= 0:
+            raise ConfigError("startup_timeout_s", "must be > 0")
         if self.watchdog_timeout_s < 0:
             raise ConfigError("watchdog_timeout_s", "must be >= 0 (0 disables the watchdog)")
         if self.watchdog_timeout_s and self.dist_timeout_s < self.watchdog_timeout_s + WATCHDOG_REPORT_S:

@@ -124,6 +124,7 @@ def branch_overrides(corpus: dict[str, Path], out: Path, revision: Path, **extra
         "data.order": "pythia", "data.order_batch_size": GBS, "data.split": f"{BATCHES},1,0",
         "data.cache_dir": str(corpus["root"] / "cache"), "data.labels": "false",
         "deepspeed.precision": "fp32", "logging.progress_bar": False, "logging.tensorboard": False,
+        "parallel.device": "cpu",  # the Pythia configs say cuda
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

@@ -86,6 +86,7 @@ def sbatch_args(script: str, out: Path, nodes: int, tasks_per_node: int, *option
         f"--ntasks-per-node={tasks_per_node}",
         "--cpus-per-task=1",
         "--time=10",
+        "--gpus-per-node=0",  # the scripts ask for GPUs (#SBATCH --gpus-per-node=8); this cluster has none
         f"--output={out / 'job.log'}",
         f"--chdir={REPO}",
         f"--export=ALL,OMP_NUM_THREADS=1,PYTHONPATH={REPO}",

@@ -94,6 +94,7 @@ KEY_RULES: dict[str, Rule] = {
     "model.attention_backend": _free("compute only: which attention kernel runs"),
     "parallel.tensor_parallel": LAYOUT,
     "parallel.dist_timeout_s": GUARD,
+    "parallel.startup_timeout_s": GUARD,
     "parallel.watchdog_timeout_s": GUARD,
     "parallel.device": LAYOUT,
     "train.seq_length": _experiment("the samples and the data position"),

@@ -78,16 +78,29 @@ def default_backend() -> str:
 
 
 def _set_cuda_environment(tensor_parallel: int) -> None:
-    """megatron-core's asynchronous TP all-reduce overlaps with the next GEMM only when kernels are queued in
-    issue order: one hardware queue (CUDA_DEVICE_MAX_CONNECTIONS=1), read when the CUDA context is created,
-    so this runs before any CUDA work (a value the user set is kept)."""
-    if tensor_parallel > 1 and "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ:
-        if torch.cuda.is_initialized():
-            import warnings
+    """The CUDA and NCCL environment (l2e_dist.parallel.gpu_env), for a process its job script did not export it
+    to. CUDA_DEVICE_MAX_CONNECTIONS is read when the CUDA context is created: once CUDA is initialised setting it
+    does nothing, so then it is only reported (export it in the job script: slurm/*.sbatch do). A value the user
+    set is kept."""
+    from l2e_dist.parallel.gpu_env import (
+        apply_defaults,
+        cuda_launch_environment,
+        missing_from,
+        nccl_environment,
+        prepare_trace_dir,
+    )
 
-            warnings.warn("CUDA was initialised before the process groups: CUDA_DEVICE_MAX_CONNECTIONS=1 comes "
-                          "too late for this process; export it in the job script", stacklevel=3)
-        os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    apply_defaults(nccl_environment())  # read when the NCCL process group is created, which comes later
+    prepare_trace_dir()
+    missing = missing_from(os.environ, cuda_launch_environment(tensor_parallel))
+    if missing and torch.cuda.is_initialized():
+        import warnings
+
+        warnings.warn(f"CUDA was initialised before the process groups: {', '.join(missing)} would come too late "
+                      "for this process; export it in the job script (eval \"$(python3 -m "
+                      "launcher.gpu_env ARGS...)\")", stacklevel=3)
+        return
+    os.environ.update(missing)
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,8 @@ def pretrain(cfg: RunConfig) -> TrainResult:
     preempt = PreemptionHandler(tuple(cfg.train.preempt_signals), check_every=cfg.train.preempt_check_every)
     if threading.current_thread() is threading.main_thread():
         preempt.install()  # first: a signal before this would kill the process without a checkpoint
-    layout = init_process_groups(cfg.parallel.tensor_parallel, cfg.parallel.dist_timeout_s, cfg.parallel.device)
+    layout = init_process_groups(
+        cfg.parallel.tensor_parallel, cfg.parallel.startup_collective_timeout_s(), cfg.parallel.device)
     validate_world(cfg, layout.world_size)  # before the data: a wrong launch fails at once
     # One job per output_dir: before anything is read from or written to it (docs/launching.md).
     with hold_run_directory(cfg.train.output_dir, cfg.train.lock_heartbeat_s, layout.rank, share=from_rank0):
@@ -338,6 +339,8 @@ def _training_loop(run: _Run) -> _Progress:
         # One scalar all_reduce per step: every rank sees the same mean loss, so all stop together.
         dist.all_reduce(step_loss, group=dp_group)
         mean_step_loss = step_loss.item() / run.resolved.derived.data_parallel
+        if step == run.start_step + 1:  # set-up and the first step are done: a hang from now on fails sooner
+            set_collective_timeout(cfg.parallel.dist_timeout_s)
         guard.after_step(step, mean_step_loss, engine.was_step_applied(), optimizer_loss_scale(engine))
         loss_sum += mean_step_loss
         steps_since_log += 1
@@ -506,11 +509,13 @@ def _slow_phase(watchdog, cfg: RunConfig, step: int, phase: str):
     collective timeout both allow SLOW_PHASE_FACTOR x theirs (the collective one stays the longer)."""
     if watchdog is not None:
         watchdog.heartbeat(step, phase=phase, allow_s=SLOW_PHASE_FACTOR * watchdog.timeout_s)
-    set_collective_timeout(SLOW_PHASE_FACTOR * cfg.parallel.dist_timeout_s)
+    # Before the loop (step 0: resume, the initial snapshot) the start-up timeout still holds until step 1 ends.
+    after = cfg.parallel.startup_collective_timeout_s() if step == 0 else cfg.parallel.dist_timeout_s
+    set_collective_timeout(max(SLOW_PHASE_FACTOR * cfg.parallel.dist_timeout_s, after))
     try:
         yield
     finally:
-        set_collective_timeout(cfg.parallel.dist_timeout_s)
+        set_collective_timeout(after)
 
 
 def _client_state(inhibitor, step: int, run: ResolvedRun) -> dict:
