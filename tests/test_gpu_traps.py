@@ -217,10 +217,10 @@ def _collective_timeouts(overrides: list[str]) -> list:
         events.append(("set", seconds))
         return original_set(seconds)
 
-    def micro(engine, inhibitor, tokens):
+    def micro(*args, **kwargs):
         if not events or events[-1][0] != "micro":
             events.append(("micro",))
-        return original_micro(engine, inhibitor, tokens)
+        return original_micro(*args, **kwargs)
 
     trainer.init_process_groups, trainer.set_collective_timeout = init, set_timeout
     trainer.train_micro_batch = micro

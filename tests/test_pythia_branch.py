@@ -141,10 +141,10 @@ def _branch(overrides: list[str]) -> dict:
     seen, lrs = [], []
     original = trainer.train_micro_batch
 
-    def recording(engine, inhibitor, tokens):
+    def recording(engine, inhibitor, tokens, *rest):
         seen.append(tokens.clone().numpy())
         lrs.append(engine.get_lr()[0])
-        return original(engine, inhibitor, tokens)
+        return original(engine, inhibitor, tokens, *rest)
 
     trainer.train_micro_batch = recording
     dist.init_process_group("gloo")

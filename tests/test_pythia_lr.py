@@ -112,11 +112,11 @@ def _lr_per_update(overrides: list[str], nan_steps: list[int]) -> dict:
     original_micro, original_end = trainer.train_micro_batch, trainer.end_l2e_step
     forward = gpt_neox.GPTNeoX.forward
 
-    def recording_micro(engine, inhibitor, tokens):
+    def recording_micro(engine, inhibitor, tokens, *rest):
         if calls["micro"] % gas == 0:
             lrs.append(engine.get_lr()[0])
         calls["micro"] += 1
-        return original_micro(engine, inhibitor, tokens)
+        return original_micro(engine, inhibitor, tokens, *rest)
 
     def recording_end(engine, inhibitor, step):
         applied.append(engine.was_step_applied())

@@ -92,9 +92,9 @@ def recorded_run(overrides: list[str]) -> dict:
     seen = []
     original = trainer.train_micro_batch
 
-    def recording(engine, inhibitor, tokens):
+    def recording(engine, inhibitor, tokens, *rest):
         seen.append(tokens.clone().numpy())
-        return original(engine, inhibitor, tokens)
+        return original(engine, inhibitor, tokens, *rest)
 
     trainer.train_micro_batch = recording
     result = pretrain_result(overrides)
