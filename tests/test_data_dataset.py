@@ -235,6 +235,7 @@ def _stdlib_module_docstring(rel: str) -> str:
         return ast.get_docstring(ast.parse(stream.read()), clean=True)
 
 
+@pytest.mark.slow
 def test_default_corpus_is_labelled_deterministic_and_safe_to_build_concurrently(tmp_path):
     data = build_datasets(DataConfig(cache_dir=str(tmp_path / "a")), seq_length=64, seed=0)
     prefix = data.tokenizer_path.rsplit("/", 1)[0] + "/stdlib-docstrings"

@@ -106,6 +106,7 @@ def _one_line_error(path, expected_fragment: str):
     return message
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_naming_the_file(tmp_path):
     good = tmp_path / "good"
     _write(good, 2, 2, 3000)

@@ -85,6 +85,7 @@ def runs(tmp_path_factory, data_cache) -> dict:
     return {"dp2_zero3": killed, "tp2_zero1": tp2, "before_kill": before, "resumed": resumed, "base": base}
 
 
+@pytest.mark.slow
 def test_snapshots_survive_sigkill_and_resume_exactly_once(runs):
     from l2e_dist.checkpoint.manifest import verify_checkpoint
 
@@ -122,6 +123,7 @@ def _init_weights(model_config: dict, seed: int) -> dict[str, torch.Tensor]:
     return weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_step0_is_the_initialization_and_last_snapshot_the_last_checkpoint(layout, runs):
     from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
@@ -149,6 +151,7 @@ def test_step0_is_the_initialization_and_last_snapshot_the_last_checkpoint(layou
         assert torch.equal(last.full(name), checkpoint.full(name)), name
 
 
+@pytest.mark.slow
 def test_a_run_that_does_not_resume_replaces_old_snapshots(tmp_path, data_cache):
     from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
     from tests.conftest import pretrain_result
@@ -196,6 +199,7 @@ def exports(runs) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow
 def test_all_exports_load_in_transformers_with_our_logits(runs, exports):
     from transformers import AutoModelForCausalLM
 
@@ -212,6 +216,7 @@ def test_all_exports_load_in_transformers_with_our_logits(runs, exports):
             assert (exports[layout] / f"step{step}" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_all_export_skips_complete_ones_and_a_killed_export_leaves_nothing(runs, exports, tmp_path, capsys,
                                                                            monkeypatch):
     import safetensors.torch
@@ -259,6 +264,7 @@ def test_all_export_skips_complete_ones_and_a_killed_export_leaves_nothing(runs,
 
 
 # ------------------------------------------------------------------------------------------- analysis
+@pytest.mark.slow
 def test_neuromfa_takes_a_run_directory_and_measures_from_step0(runs, exports, tmp_path, caplog):
     from launcher.neuromfa import main as neuromfa_main
 
@@ -288,6 +294,7 @@ def test_neuromfa_takes_a_run_directory_and_measures_from_step0(runs, exports, t
     assert run_c["emergence_reference"] == {"step": 4, "path": str(lone / "step4"), "initialization": False}
 
 
+@pytest.mark.slow
 def test_analyze_takes_a_run_directory_in_step_order(runs, exports, tmp_path, data_cache):
     from l2e_dist.data import prepare_default_corpus
     from launcher.analyze import main as analyze_main

@@ -10,6 +10,8 @@ import pytest
 from tests.conftest import pretrain_losses, small_run_overrides
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.slow  # 2- and 4-rank training runs (the fast tier's: tests/test_l2e_training.py)
+
 STEPS = 10
 
 
