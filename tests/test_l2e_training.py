@@ -61,27 +61,50 @@ def _assert_losses_close(got: list[float], want: list[float]) -> None:
         assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: {a} != {b}"
 
 
-# The fast tier (-m "not slow") keeps one multi-process equality (L2E at DP=2 with accumulation) and the resume
-# onto TP=2 x DP=2; every other split, and all of MEmeL, run in the full suite.
-@pytest.fixture(scope="module", params=["l2e", pytest.param("memel", marks=pytest.mark.slow)])
-def reference(request, tmp_path_factory, data_cache):
+def _reference_run(method: str, tmp_path_factory, data_cache):
     """One process, the whole global batch as ONE micro-batch, a checkpoint at the middle step."""
-    out = tmp_path_factory.mktemp(f"ref-{request.param}")
-    overrides = _overrides(out, data_cache, request.param, **{"train.micro_batch_size": GLOBAL_BATCH,
-                                                             "train.save_interval": STEPS // 2})
+    out = tmp_path_factory.mktemp(f"ref-{method}")
+    overrides = _overrides(out, data_cache, method, **{"train.micro_batch_size": GLOBAL_BATCH,
+                                                      "train.save_interval": STEPS // 2})
     result = run_distributed(pretrain_result, 1, overrides)[0]
     assert len(result.losses) == STEPS
     state = result.l2e_state["layers"]
     assert all(layer["n_merged"] == STEPS for layer in state.values())  # counted in optimizer steps
-    if request.param == "l2e":
+    if method == "l2e":
         assert all(layer["tau_ready"] for layer in state.values())
-    return request.param, out, result
+    return method, out, result
 
 
-@pytest.mark.parametrize("layout", [layout if layout == "dp2_acc2" else pytest.param(layout, marks=pytest.mark.slow)
-                                    for layout in LAYOUTS])
-def test_any_split_of_the_global_batch_matches_one_process(layout, reference, tmp_path, data_cache):
-    method, _, ref = reference
+# One reference run per method and module, each in a fixture of its own (a parametrized module fixture would be
+# torn down and rebuilt whenever the test order alternates between its parameters).
+@pytest.fixture(scope="module")
+def l2e_reference(tmp_path_factory, data_cache):
+    return _reference_run("l2e", tmp_path_factory, data_cache)
+
+
+@pytest.fixture(scope="module")
+def memel_reference(tmp_path_factory, data_cache):
+    return _reference_run("memel", tmp_path_factory, data_cache)
+
+
+# The fast tier (-m "not slow") keeps one multi-process equality (L2E at DP=2 with accumulation) and the resume
+# onto TP=2 x DP=2; every other split, and all of MEmeL, run in the full suite.
+@pytest.fixture(params=["l2e", pytest.param("memel", marks=pytest.mark.slow)])
+def reference(request):
+    return request.getfixturevalue(f"{request.param}_reference")
+
+
+# (method, layout) pairs. L2E runs every split, so that a failure names the dimension (accumulation, DP, TP) that
+# broke it; MEmeL shares that reduction path and runs only the split that combines all three.
+SPLITS = [("l2e", layout) for layout in LAYOUTS] + [("memel", "tp2_dp2_acc2")]
+
+
+@pytest.mark.parametrize(
+    ("method", "layout"),
+    [split if split == ("l2e", "dp2_acc2") else pytest.param(*split, marks=pytest.mark.slow) for split in SPLITS],
+)
+def test_any_split_of_the_global_batch_matches_one_process(method, layout, request, tmp_path, data_cache):
+    _, _, ref = request.getfixturevalue(f"{method}_reference")
     processes, extra = LAYOUTS[layout]
     results = run_distributed(pretrain_result, processes, _overrides(tmp_path, data_cache, method, **extra))
     for result in results:
