@@ -119,8 +119,10 @@ def wait_for_survivors(procs: list[subprocess.Popen], deadline_s: float) -> list
     return [exits[rank] for rank in range(len(procs) - 1)]
 
 
+# A frozen rank only: a killed one (its sockets close, gloo fails the survivor at once) is covered with the real
+# trainer by tests/test_preemption_resume.py and under Slurm by tests/test_slurm.py.
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["stop", "kill"])
+@pytest.mark.parametrize("how", ["stop"])
 def test_failed_rank_makes_the_others_exit_nonzero_within_bound(tmp_path: Path, how: str) -> None:
     procs = launch_probe_world(tmp_path, world_size=2, how=how)
     (exit_time,) = wait_for_survivors(procs, deadline_s=180)
