@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A fresh process (mallopt is process-wide and the setting is applied once): started as l2e-pretrain starts
@@ -54,6 +56,7 @@ def _probe(**env: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_cpu_run_reuses_freed_buffers_without_page_faults() -> None:
     kept = _probe()
     assert kept["applied"] is True
