@@ -39,6 +39,7 @@ def run_snippet(code: str, timeout: float = 60) -> subprocess.CompletedProcess[s
     )
 
 
+@pytest.mark.slow
 def test_heartbeats_and_allowances_keep_the_process_alive() -> None:
     done = run_snippet(
         """
