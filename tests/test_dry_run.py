@@ -72,8 +72,8 @@ def test_fp32_and_zero_stages_order():
 # The dry run builds no model, so its estimate can be of a model wide enough to show in GiB with 2 decimals:
 # the small run's 2 layers, s=32, b=2, at hidden 1024 (8 heads, ffn 4096) and the default corpus's vocab 3000
 # (padded to 3072 at TP=1). Parameters P = 2 layers x (12*1024^2 + 13*1024) + 2 x 3072*1024 (embedding, head)
-# + 2*1024 (final norm) = 31,485,952; activations per layer 32*2*1024*(10 + 24 + 5*8*32/1024)*2 bytes (fp32),
-# plus the logits' 8*32*2*3072 = 10,813,440 bytes in all.
+# + 2*1024 (final norm) = 31,485,952; activations 2 layers x 32*2*1024*(10 + 24 + 5*8*32/1024)*2 bytes (fp32)
+# + the logits' 8*32*2*3072 bytes = 10,813,440.
 WIDE = ("model.hidden_size=1024", "model.num_attention_heads=8")
 WIDE_PARAMS = 31_485_952
 WIDE_ACTIVATIONS = 10_813_440
