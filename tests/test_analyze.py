@@ -247,6 +247,7 @@ def _reference_activations(directory, tokens: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+@pytest.mark.slow
 def test_analyze_cli_on_hf_dir_and_training_checkpoint(tmp_path, capsys):
     from matplotlib.image import imread
 

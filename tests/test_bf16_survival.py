@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,6 +31,7 @@ def _survival(reg_lambda: float) -> dict:
     return report["layers"]
 
 
+@pytest.mark.slow
 def test_bf16_survival_measures_each_layers_own_regularizer_gradient():
     strong, faint = _survival(1e-3), _survival(1e-14)
     assert sorted(strong) == sorted(faint) == ["1", "2"]  # tiny's two middle layers

@@ -23,6 +23,8 @@ from l2e_dist.checkpoint.manifest import (
 )
 from tests.checkpoint_runs import reference_run
 
+pytestmark = pytest.mark.slow  # every test reads a 2-rank ZeRO-3 reference run (torchrun)
+
 SHARD = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
 
 

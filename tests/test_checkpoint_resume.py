@@ -30,6 +30,8 @@ from tests.checkpoint_runs import (
 )
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # torchrun runs of 2 ranks (the fast tier's resume: tests/test_l2e_training.py)
+
 KILL_TIMEOUT_S = 300
 
 

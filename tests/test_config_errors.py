@@ -73,6 +73,7 @@ def test_every_shipped_config_loads():
             load_config([TINY, str(overlay)])
 
 
+@pytest.mark.slow
 def test_cli_exit_code_and_single_line():
     proc = subprocess.run(
         [sys.executable, "-m", "launcher.pretrain", "--config", TINY, "--set", "l2e.inhibit_ratio=0"],
@@ -85,6 +86,7 @@ def test_cli_exit_code_and_single_line():
     assert proc.stderr.strip().splitlines()[-1].startswith("l2e-pretrain: error: config error at 'l2e.inhibit_ratio'")
 
 
+@pytest.mark.slow
 def test_fkr_without_feature_labels_names_the_key(tmp_path, data_cache):
     # Only known once the data is opened (inside the trainer): still one line and exit code 2.
     proc = subprocess.run(

@@ -19,6 +19,8 @@ from tests.checkpoint_runs import LAYOUTS, STEPS, reference_run
 from tests.conftest import ROOT, pretrain_losses, small_run_overrides
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.slow  # every test reads a 2-rank reference run (torchrun)
+
 TOKENS = torch.randint(0, 3000, (2, 24), generator=torch.Generator().manual_seed(7))
 TAG = f"global_step{STEPS}"
 

@@ -235,8 +235,9 @@ def _stdlib_module_docstring(rel: str) -> str:
         return ast.get_docstring(ast.parse(stream.read()), clean=True)
 
 
-def test_default_corpus_is_labelled_deterministic_and_safe_to_build_concurrently(tmp_path):
-    data = build_datasets(DataConfig(cache_dir=str(tmp_path / "a")), seq_length=64, seed=0)
+@pytest.mark.slow
+def test_default_corpus_is_labelled_deterministic_and_safe_to_build_concurrently(tmp_path, data_cache):
+    data = build_datasets(DataConfig(cache_dir=data_cache), seq_length=64, seed=0)  # the session's own build
     prefix = data.tokenizer_path.rsplit("/", 1)[0] + "/stdlib-docstrings"
     meta = read_meta(prefix)
     assert 2000 <= data.vocab_size <= 4000 and meta["dtype"] == "uint16"
@@ -255,7 +256,7 @@ def test_default_corpus_is_labelled_deterministic_and_safe_to_build_concurrently
     assert texts[_stdlib_module_docstring("json/__init__.py")] == {"json"}
     assert texts[_stdlib_module_docstring("email/message.py")] == {"email"}
     assert texts[_stdlib_module_docstring("textwrap.py")] == {"toplevel-modules"}
-    # two processes building the same cache at once: one builds, both return it, identical to the first build
+    # two processes building a fresh cache at once: one builds, both return it, identical to the session's build
     script = "from l2e_dist.data import prepare_default_corpus as p; import sys; print(p(sys.argv[1]))"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "b")], stdout=subprocess.PIPE,

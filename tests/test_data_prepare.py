@@ -166,6 +166,7 @@ def _final_bytes(prefix) -> dict[str, bytes]:
                                                              ".meta.json")}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_byte_identical_output(pile, tmp_path):
     reference = tmp_path / "reference"
     run_prepare(pile, reference, chunk_docs=16, verify=False)

@@ -8,8 +8,12 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from l2e_dist.checkpoint.manifest import find_resume_checkpoint
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # the README's 200-step 2-rank run
 
 
 def test_readme_default_run(tmp_path, data_cache):

@@ -65,6 +65,7 @@ def _reference_loglikelihoods(directory: Path, docs: list[dict]) -> list[list[fl
     return out
 
 
+@pytest.mark.slow
 def test_lm_eval_offline_local_task_matches_direct_loglikelihoods(tmp_path):
     model_dir = tmp_path / "export"
     _export_tiny_model(model_dir)

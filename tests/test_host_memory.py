@@ -66,6 +66,7 @@ def _probe(**env: str) -> dict:
     return _run_python(_PROBE, **env)
 
 
+@pytest.mark.slow
 def test_a_cpu_run_reuses_freed_buffers_without_page_faults() -> None:
     kept = _probe()
     assert kept["applied"] is True

@@ -9,6 +9,8 @@ import pytest
 from tests.conftest import pretrain_result, small_run_overrides
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.slow  # a training run long enough for L2E to act
+
 SHAPE = {
     "l2e.method": "l2e",
     "train.train_iters": 80,

@@ -20,15 +20,17 @@ def _model_cfg(**overrides):
     return ModelConfig(**{**base, **overrides})
 
 
+OVERRIDES = [{}, {"use_parallel_residual": False, "gelu_approximate": "none"}]
+
+
 def _forward_backward(tp: int, overrides: dict) -> dict:
+    """Logits, loss, gradients and weights (gathered to full size) of one forward and backward at TP=`tp`, in an
+    initialised world of `tp` ranks."""
     from megatron.core import parallel_state
 
     from l2e_dist.model.gpt_neox import GPTNeoX
     from l2e_dist.model.tp_layout import merge_shards
-    from l2e_dist.parallel.state import destroy_process_groups, init_process_groups
 
-    dist.init_process_group("gloo")
-    init_process_groups(tp)
     torch.manual_seed(0)
     model = GPTNeoX(_model_cfg(**overrides))
     tokens = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1))
@@ -55,16 +57,34 @@ def _forward_backward(tp: int, overrides: dict) -> dict:
     loss.backward()
     grads = {n: gather(n, p.grad) for n, p in model.named_parameters()}
     weights = {n: gather(n, p.detach()) for n, p in model.named_parameters()}
-    destroy_process_groups()
     return {"logits": logits, "loss": loss.detach(), "grads": grads, "weights": weights,
             "forward_all_reduces": len(calls)}
 
 
-@pytest.mark.parametrize("overrides", [{}, {"use_parallel_residual": False, "gelu_approximate": "none"}])
-def test_tp2_equals_tp1(overrides):
-    ref = run_distributed(_forward_backward, 1, 1, overrides)[0]
-    tp2 = run_distributed(_forward_backward, 2, 2, overrides)
-    for rank_result in tp2:
+def _every_variant(tp: int) -> list[dict]:
+    """_forward_backward for each of OVERRIDES, in one world (TP=1: the test process; TP=2: two spawned ranks)."""
+    from l2e_dist.parallel.state import destroy_process_groups, init_process_groups
+
+    init_process_groups(tp)
+    try:
+        return [_forward_backward(tp, overrides) for overrides in OVERRIDES]
+    finally:
+        destroy_process_groups()
+
+
+@pytest.fixture(scope="module")
+def tp2_ranks() -> list[list[dict]]:
+    """Per rank of one TP=2 world, the results of every variant (one world for both: a process start is the cost)."""
+    return run_distributed(_every_variant, 2, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", range(len(OVERRIDES)), ids=["parallel_residual", "sequential_exact_gelu"])
+def test_tp2_equals_tp1(variant, tp2_ranks):
+    overrides = OVERRIDES[variant]
+    ref = _every_variant(1)[variant]
+    for rank_results in tp2_ranks:
+        rank_result = rank_results[variant]
         for name, w in ref["weights"].items():  # same full weights at every TP size (CPU init)
             torch.testing.assert_close(rank_result["weights"][name], w, rtol=0, atol=0)
         torch.testing.assert_close(rank_result["logits"], ref["logits"], rtol=0, atol=1e-5)

@@ -43,7 +43,8 @@ def _write(path, tp: int, dp: int, bucket: int, padded_vocab: int = 512, seed: i
 
 # ------------------------------------------------------------------------------------------------- reader
 @pytest.mark.parametrize(("tp", "dp", "bucket", "several_intervals"), [
-    (1, 1, 10**9, False), (1, 2, 10**9, False), (2, 1, 4000, True), (2, 2, 3000, True), (4, 3, 2000, True),
+    (1, 1, 10**9, False), (1, 2, 10**9, False), (2, 1, 4000, True), (2, 2, 3000, True),
+    pytest.param(4, 3, 2000, True, marks=pytest.mark.slow),  # 12 shards: the largest write of the file
 ])  # fmt: skip
 def test_reader_returns_the_written_tensors(tmp_path, tp, dp, bucket, several_intervals):
     from l2e_dist.checkpoint.neox_native import WEIGHT_KIND, NeoxNativeCheckpoint
@@ -106,6 +107,7 @@ def _one_line_error(path, expected_fragment: str):
     return message
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_naming_the_file(tmp_path):
     good = tmp_path / "good"
     _write(good, 2, 2, 3000)
@@ -207,58 +209,65 @@ def _run_overrides(tmp_path, data_cache, init_from, vocab, extra) -> list[str]:
         **extra})
 
 
-def _reference(overrides: list[str], masters, exp_avg, exp_avg_sq, restart: bool) -> dict:
-    """Two AdamW steps in plain PyTorch from the same masters and moments (step = updates taken), lr at AnnealingLR's
-    position (updates taken), on global batches ITERATION and ITERATION + 1: what Pythia's optimizer would do."""
-    from l2e_dist.config import load_config
+def _adamw_steps(cfg, masters, exp_avg, exp_avg_sq, restart: bool) -> dict:
     from l2e_dist.model.gpt_neox import GPTNeoX
-    from l2e_dist.parallel.state import destroy_process_groups, init_process_groups
     from l2e_dist.training.optim import lr_multiplier
     from l2e_dist.training.run_data import global_batch_tokens
+
+    model = GPTNeoX(cfg.model)
+    params = dict(model.named_parameters())
+    rows = model.padded_vocab_size
+
+    def shaped(name, tensor):
+        if name in ("embed_in.weight", "embed_out.weight"):
+            out = torch.zeros(rows, HIDDEN)
+            keep = min(rows, tensor.shape[0])
+            out[:keep] = tensor[:keep]
+            return out
+        return tensor
+
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(shaped(name, masters[name]))
+    decay = [p for n, p in params.items() if p.ndim >= 2 and "layernorm" not in n and "layer_norm" not in n]
+    no_decay = [p for n, p in params.items() if not (p.ndim >= 2 and "layernorm" not in n and "layer_norm" not in n)]
+    opt = cfg.optimizer
+    adam = torch.optim.AdamW([{"params": decay, "weight_decay": opt.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=opt.lr, betas=tuple(opt.betas),
+                             eps=opt.eps)
+    updates = 0 if restart else ITERATION - SKIPPED
+    if not restart:
+        for name, param in params.items():
+            adam.state[param] = {"step": torch.tensor(float(updates)), "exp_avg": shaped(name, exp_avg[name]),
+                                 "exp_avg_sq": shaped(name, exp_avg_sq[name])}
+    lrs = []
+    for k in range(2):
+        lr = opt.lr * lr_multiplier(updates + k if not restart else ITERATION + k, cfg)
+        lrs.append(lr)
+        for group in adam.param_groups:
+            group["lr"] = lr
+        tokens = torch.from_numpy(global_batch_tokens(cfg, ITERATION + k)).long()
+        loss = model(tokens[:, :-1], tokens[:, 1:], reduction="mean")
+        adam.zero_grad()
+        loss.backward()
+        adam.step()
+    out = {n: {"fp32": p.detach().clone(), "exp_avg": adam.state[p]["exp_avg"].clone(),
+               "exp_avg_sq": adam.state[p]["exp_avg_sq"].clone()} for n, p in params.items()}
+    return {"state": out, "lrs": lrs}
+
+
+def _references(overrides: list[str], masters, exp_avg, exp_avg_sq) -> tuple[dict, dict]:
+    """Two AdamW steps in plain PyTorch from the same masters and moments (step = updates taken), lr at AnnealingLR's
+    position (updates taken), on global batches ITERATION and ITERATION + 1: what Pythia's optimizer would do; and
+    the same two steps of a fresh AdamW (a restart), which must land elsewhere. One process for both."""
+    from l2e_dist.config import load_config
+    from l2e_dist.parallel.state import destroy_process_groups, init_process_groups
 
     init_process_groups(1)
     try:
         cfg = load_config([str(ROOT / "configs" / "tiny.yaml")], overrides)
-        model = GPTNeoX(cfg.model)
-        params = dict(model.named_parameters())
-        rows = model.padded_vocab_size
-
-        def shaped(name, tensor):
-            if name in ("embed_in.weight", "embed_out.weight"):
-                out = torch.zeros(rows, HIDDEN)
-                keep = min(rows, tensor.shape[0])
-                out[:keep] = tensor[:keep]
-                return out
-            return tensor
-
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(shaped(name, masters[name]))
-        decay = [p for n, p in params.items() if p.ndim >= 2 and "layernorm" not in n and "layer_norm" not in n]
-        no_decay = [p for n, p in params.items() if not (p.ndim >= 2 and "layernorm" not in n and "layer_norm" not in n)]
-        opt = cfg.optimizer
-        adam = torch.optim.AdamW([{"params": decay, "weight_decay": opt.weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=opt.lr, betas=tuple(opt.betas),
-                                 eps=opt.eps)
-        updates = 0 if restart else ITERATION - SKIPPED
-        if not restart:
-            for name, param in params.items():
-                adam.state[param] = {"step": torch.tensor(float(updates)), "exp_avg": shaped(name, exp_avg[name]),
-                                     "exp_avg_sq": shaped(name, exp_avg_sq[name])}
-        lrs = []
-        for k in range(2):
-            lr = opt.lr * lr_multiplier(updates + k if not restart else ITERATION + k, cfg)
-            lrs.append(lr)
-            for group in adam.param_groups:
-                group["lr"] = lr
-            tokens = torch.from_numpy(global_batch_tokens(cfg, ITERATION + k)).long()
-            loss = model(tokens[:, :-1], tokens[:, 1:], reduction="mean")
-            adam.zero_grad()
-            loss.backward()
-            adam.step()
-        out = {n: {"fp32": p.detach().clone(), "exp_avg": adam.state[p]["exp_avg"].clone(),
-                   "exp_avg_sq": adam.state[p]["exp_avg_sq"].clone()} for n, p in params.items()}
-        return {"state": out, "lrs": lrs}
+        return (_adamw_steps(cfg, masters, exp_avg, exp_avg_sq, restart=False),
+                _adamw_steps(cfg, masters, exp_avg, exp_avg_sq, restart=True))
     finally:
         destroy_process_groups()
 
@@ -298,8 +307,7 @@ def test_branch_continues_adamw_from_the_native_state(tmp_path, data_cache, sour
     assert result.final_step == ITERATION + 2
     # The reference at TP 1 with the run's padded rows (128 x run_tp): the same logits over the same rows.
     ref_overrides = [*overrides, "parallel.tensor_parallel=1", f"model.make_vocab_size_divisible_by={128 * run_tp}"]
-    reference = run_distributed(_reference, 1, ref_overrides, masters, exp_avg, exp_avg_sq, False)[0]
-    restart = run_distributed(_reference, 1, ref_overrides, masters, exp_avg, exp_avg_sq, True)[0]
+    reference, restart = run_distributed(_references, 1, ref_overrides, masters, exp_avg, exp_avg_sq)[0]
     assert abs(reference["lrs"][0] - restart["lrs"][0]) > 0.1 * reference["lrs"][0]  # position 7 != step 10
 
     saved = DeepSpeedCheckpoint(tmp_path / "run" / "checkpoints" / f"global_step{ITERATION + 2}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pytest
 
 from l2e_dist.analysis.plots import ema, plot_runs
 from l2e_dist.analysis.runlogs import load_scalars
@@ -43,6 +44,7 @@ def _log_run(directory, steps: range, l2e: bool, shift: float = 0.0, start: int 
     return written
 
 
+@pytest.mark.slow
 def test_runs_read_back_and_plotted(tmp_path, capsys):
     from matplotlib.image import imread
 

@@ -21,36 +21,23 @@ from pathlib import Path
 import pytest
 
 from l2e_dist.parallel.launch_env import free_port
-from l2e_dist.training.preemption import _STORE_GRACE_S
-from tests.conftest import ROOT, final_loss, logged_metrics, small_run_overrides
+from tests.conftest import ROOT, final_loss, logged_metrics
 from tests.distributed import rank_env
+from tests.preemptible_run import failure_bound_s, preemptible_overrides, pretrain_args
 
 WORLD_SIZE = 2
 STEPS = 30
 WATCHDOG_S = 8
-# From the last heartbeat before the failure: the watchdog deadline, one poll (timeout / 10), rank 0's grace
-# for the peers' reports, and slack for process teardown on a loaded 2-core machine.
-WATCHDOG_BOUND_S = WATCHDOG_S + WATCHDOG_S / 10 + _STORE_GRACE_S + 6
+# From the failure: the watchdog's deadline, poll and grace, and the load margin (tests/preemptible_run.py).
+WATCHDOG_BOUND_S = failure_bound_s(WATCHDOG_S)
 
 pytestmark = pytest.mark.slow
 
 
 def trainer_command(out: Path, data_cache: str, **extra: object) -> list[str]:
     """`python -m launcher.pretrain` on the tiny model with L2E on, a stop check every step."""
-    overrides = small_run_overrides(
-        out,
-        data_cache,
-        **{
-            "l2e.method": "l2e",
-            "l2e.forget_steps": 1,  # L2E scores (and inhibits) from the second step of these short runs
-            "train.train_iters": STEPS,
-            "train.preempt_check_every": 1,
-            "parallel.watchdog_timeout_s": WATCHDOG_S,
-            **extra,
-        },
-    )
-    sets = [arg for item in overrides for arg in ("--set", item)]
-    return [sys.executable, "-m", "launcher.pretrain", "--config", "configs/tiny.yaml", *sets]
+    overrides = preemptible_overrides(out, data_cache, STEPS, WATCHDOG_S, **extra)
+    return [sys.executable, "-m", "launcher.pretrain", *pretrain_args(overrides)]
 
 
 class Ranks:

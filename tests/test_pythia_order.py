@@ -113,6 +113,7 @@ def viewer(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_consumed_batches_are_the_file_order_at_world_1_and_dp2_and_the_viewer_shows_them(corpus, tmp_path):
     reference = read_samples(corpus["prefix"])
     assert reference.shape == (SAMPLES, SEQ + 1)
@@ -143,6 +144,7 @@ def test_consumed_batches_are_the_file_order_at_world_1_and_dp2_and_the_viewer_s
     assert "config error at 'step'" in past.stderr and "past the end" in past.stderr
 
 
+@pytest.mark.slow
 def test_branched_run_consumes_the_uninterrupted_runs_next_batches_with_the_same_lr(corpus, tmp_path):
     from l2e_dist.checkpoint.convert import export_hf
 
@@ -169,6 +171,7 @@ def test_branched_run_consumes_the_uninterrupted_runs_next_batches_with_the_same
     assert branched["final_step"] == 5
 
 
+@pytest.mark.slow
 def test_viewer_shows_what_the_trainer_consumes_in_packed_mode(tmp_path):
     """The default data mode (shuffled, packed, seeded epochs): the viewer's batch is the trainer's too."""
     from l2e_dist.training.run_data import global_batch_tokens
@@ -278,6 +281,7 @@ def test_bad_pythia_inputs_are_one_line_config_errors_naming_the_key(corpus, tmp
         checked(**{"data.paths": f"[{tmp_path / 'ragged'}]"})
 
 
+@pytest.mark.slow
 def test_pretrain_cli_reports_a_bad_branch_in_one_line(corpus, tmp_path):
     sets = pythia_overrides(corpus, tmp_path / "cli", **{"train.branch_step": 12, "train.train_iters": 20,
                                                          "train.init_from": str(tmp_path)})

@@ -292,6 +292,7 @@ def test_free_directory_is_locked_and_released(tmp_path):
     assert sorted(os.listdir(tmp_path / "run")) == []  # no temporary files left behind
 
 
+@pytest.mark.slow
 def test_live_holder_is_refused_and_untouched(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -395,6 +396,7 @@ def test_racing_takers_leave_exactly_one_holder(tmp_path, exited_pid):
         assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_heartbeat_refreshes_and_a_lost_lock_ends_the_holder(tmp_path):
     script = textwrap.dedent(f"""
         import json, time

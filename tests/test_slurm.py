@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from l2e_dist.training.preemption import _STORE_GRACE_S
-from tests.conftest import final_loss, logged_metrics, small_run_overrides
+from tests.conftest import final_loss, logged_metrics
+from tests.preemptible_run import failure_bound_s, preemptible_overrides, pretrain_args
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
@@ -37,10 +37,11 @@ TERMINAL = {
 STEPS = 20
 WATCHDOG_S = 8
 KILL_WAIT_S = 10  # KillWait in scripts/local_slurm.sh: SIGTERM -> SIGKILL when srun ends a step
-# From the failure (whole-second EndTime, loaded 2-core machine: 5 s slack): srun's SIGTERM + KillWait; for a
-# frozen rank first the watchdog deadline + one poll + rank 0's grace for the peers' reports.
-KILL_BOUND_S = KILL_WAIT_S + 5
-FREEZE_BOUND_S = WATCHDOG_S + WATCHDOG_S / 10 + _STORE_GRACE_S + KILL_WAIT_S + 5
+END_TIME_RESOLUTION_S = 1  # scontrol's EndTime is in whole seconds
+# From the failure: srun's SIGTERM + KillWait (+ EndTime's rounding) and the load margin; for a frozen rank first
+# the watchdog's deadline, poll and grace (tests/preemptible_run.py).
+KILL_BOUND_S = failure_bound_s(None, KILL_WAIT_S + END_TIME_RESOLUTION_S)
+FREEZE_BOUND_S = failure_bound_s(WATCHDOG_S, KILL_WAIT_S + END_TIME_RESOLUTION_S)
 RANK_LINE = re.compile(
     r"^l2e-dist: rank (\d+)/(\d+) local (\d+)/(\d+) host (\S+) master (\S+) via (\w+)$", re.M
 )
@@ -64,19 +65,7 @@ def slurm():
 def trainer_args(out: Path, data_cache: str, **extra: object) -> list[str]:
     """launcher.pretrain's arguments: the tiny model of the multi-process tests, L2E on, checks every step.
     The default corpus is built before any job starts (data_cache), so the jobs never race on it."""
-    overrides = small_run_overrides(
-        out / "run",
-        data_cache,
-        **{
-            "l2e.method": "l2e",
-            "l2e.forget_steps": 1,  # L2E scores (and inhibits) from the second step of these short runs
-            "train.train_iters": STEPS,
-            "train.preempt_check_every": 1,
-            "parallel.watchdog_timeout_s": WATCHDOG_S,
-            **extra,
-        },
-    )
-    return ["--config", "configs/tiny.yaml", *[arg for item in overrides for arg in ("--set", item)]]
+    return pretrain_args(preemptible_overrides(out / "run", data_cache, STEPS, WATCHDOG_S, **extra))
 
 
 def sbatch_args(script: str, out: Path, nodes: int, tasks_per_node: int, *options: str) -> list[str]:

@@ -85,6 +85,7 @@ def runs(tmp_path_factory, data_cache) -> dict:
     return {"dp2_zero3": killed, "tp2_zero1": tp2, "before_kill": before, "resumed": resumed, "base": base}
 
 
+@pytest.mark.slow
 def test_snapshots_survive_sigkill_and_resume_exactly_once(runs):
     from l2e_dist.checkpoint.manifest import verify_checkpoint
 
@@ -106,22 +107,20 @@ def test_snapshots_survive_sigkill_and_resume_exactly_once(runs):
 
 def _init_weights(model_config: dict, seed: int) -> dict[str, torch.Tensor]:
     """The trainer's initialization in one process at TP=1: seed_everything(seed), then GPTNeoX(config)."""
-    import torch.distributed as dist
-
     from l2e_dist.config_utils import build
     from l2e_dist.model.config import ModelConfig
     from l2e_dist.model.gpt_neox import GPTNeoX
     from l2e_dist.parallel.state import destroy_process_groups, init_process_groups
     from l2e_dist.training.trainer import seed_everything
 
-    dist.init_process_group("gloo")
-    init_process_groups(1)
+    init_process_groups(1)  # a world of one, in the test process
     seed_everything(seed)
     weights = {k: v.detach().clone() for k, v in GPTNeoX(build(ModelConfig, model_config, "model")).named_parameters()}
     destroy_process_groups()
     return weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_step0_is_the_initialization_and_last_snapshot_the_last_checkpoint(layout, runs):
     from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
@@ -137,7 +136,7 @@ def test_step0_is_the_initialization_and_last_snapshot_the_last_checkpoint(layou
     assert resolved["vocab_size"] == config["model"]["vocab_size"]
     assert resolved["grad_accum_steps"] * config["train"]["micro_batch_size"] * (2 // tp) == config["train"][
         "global_batch_size"]
-    reference = run_distributed(_init_weights, 1, config["model"], config["train"]["seed"])[0]
+    reference = _init_weights(config["model"], config["train"]["seed"])
     assert sorted(step0.names) == sorted(reference)
     for name, tensor in reference.items():
         assert torch.equal(step0.full(name), tensor), name
@@ -149,6 +148,7 @@ def test_step0_is_the_initialization_and_last_snapshot_the_last_checkpoint(layou
         assert torch.equal(last.full(name), checkpoint.full(name)), name
 
 
+@pytest.mark.slow
 def test_a_run_that_does_not_resume_replaces_old_snapshots(tmp_path, data_cache):
     from l2e_dist.checkpoint.ds_files import DeepSpeedCheckpoint
     from tests.conftest import pretrain_result
@@ -167,14 +167,11 @@ def test_a_run_that_does_not_resume_replaces_old_snapshots(tmp_path, data_cache)
 # ------------------------------------------------------------------------------------------- export
 def _our_logits(snapshots: list[str]) -> list[torch.Tensor]:
     """Our GPTNeoX (TP=1) forward with each snapshot's weights, loaded as train.init_from loads them."""
-    import torch.distributed as dist
-
     from l2e_dist.checkpoint.convert import WeightSource, load_init_weights
     from l2e_dist.model.gpt_neox import GPTNeoX
     from l2e_dist.parallel.state import destroy_process_groups, init_process_groups
 
-    dist.init_process_group("gloo")
-    init_process_groups(1)
+    init_process_groups(1)  # a world of one, in the test process
     out = []
     with torch.no_grad():
         for path in snapshots:
@@ -196,13 +193,14 @@ def exports(runs) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow
 def test_all_exports_load_in_transformers_with_our_logits(runs, exports):
     from transformers import AutoModelForCausalLM
 
     for layout in LAYOUTS:
         assert sorted(p.name for p in exports[layout].iterdir()) == sorted(f"step{s}" for s in EXPECTED)
         snapshots = [str(runs[layout] / "snapshots" / f"step{s}") for s in EXPECTED]
-        ours = run_distributed(_our_logits, 1, snapshots)[0]
+        ours = _our_logits(snapshots)
         for step, our_logits in zip(EXPECTED, ours):
             model = AutoModelForCausalLM.from_pretrained(exports[layout] / f"step{step}").eval()
             with torch.no_grad():
@@ -212,6 +210,7 @@ def test_all_exports_load_in_transformers_with_our_logits(runs, exports):
             assert (exports[layout] / f"step{step}" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_all_export_skips_complete_ones_and_a_killed_export_leaves_nothing(runs, exports, tmp_path, capsys,
                                                                            monkeypatch):
     import safetensors.torch
@@ -259,6 +258,7 @@ def test_all_export_skips_complete_ones_and_a_killed_export_leaves_nothing(runs,
 
 
 # ------------------------------------------------------------------------------------------- analysis
+@pytest.mark.slow
 def test_neuromfa_takes_a_run_directory_and_measures_from_step0(runs, exports, tmp_path, caplog):
     from launcher.neuromfa import main as neuromfa_main
 
@@ -288,6 +288,7 @@ def test_neuromfa_takes_a_run_directory_and_measures_from_step0(runs, exports, t
     assert run_c["emergence_reference"] == {"step": 4, "path": str(lone / "step4"), "initialization": False}
 
 
+@pytest.mark.slow
 def test_analyze_takes_a_run_directory_in_step_order(runs, exports, tmp_path, data_cache):
     from l2e_dist.data import prepare_default_corpus
     from launcher.analyze import main as analyze_main

@@ -144,3 +144,32 @@ def test_no_docstring_points_outside_the_repository():
                  for p in (ROOT / package).rglob("*") if p.suffix in (".py", ".md", ".yaml")
                  and ("/work/" in p.read_text() or "../shared/" in p.read_text()) and p.name != "test_structure.py"]
     assert not offenders, offenders
+
+
+def _is_slow_mark(node: ast.expr) -> bool:
+    return "mark.slow" in ast.unparse(node)
+
+
+def _fast_test_modules() -> dict[str, Path]:
+    """Test modules with at least one test that `scripts/test.sh --fast` (-m "not slow") runs: not marked slow
+    as a whole (pytestmark), with a test function that carries no slow mark."""
+    fast = {}
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        body = ast.parse(path.read_text(), str(path)).body
+        if any(isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in n.targets)
+               and _is_slow_mark(n.value) for n in body):
+            continue
+        if any(isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
+               and not any(_is_slow_mark(d) for d in n.decorator_list) for n in body):
+            fast[_module_name(path)] = path
+    return fast
+
+
+def test_the_fast_tier_imports_every_package():
+    """`scripts/test.sh --fast` touches every package of the layer table: each is imported by a test module
+    that keeps a test outside the slow tier."""
+    modules = set(_sources())
+    fast = _fast_test_modules()
+    assert "tests.test_structure" in fast and "tests.test_slurm" not in fast  # the slow-mark reader works
+    imported = {_package(m) for name, path in fast.items() for m in _imports(path, name, modules)}
+    assert set(LAYERS) - imported == set(), "no fast test imports these packages"

@@ -30,15 +30,12 @@ def train_snapshot_run(out: Path, data_cache: str, seed: int = 1234) -> Path:
 
 def our_logits(snapshot: str, tokens: torch.Tensor, weight_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Our GPTNeoX (TP=1, fp32) forward with the snapshot's weights, loaded as train.init_from loads them; with
-    `weight_dtype` each weight is first rounded to it (what an export in that dtype stores). Run it through
-    tests.distributed.run_distributed (it needs a process group)."""
-    import torch.distributed as dist
-
+    `weight_dtype` each weight is first rounded to it (what an export in that dtype stores). A world of one:
+    it runs in the calling process."""
     from l2e_dist.checkpoint.convert import WeightSource, load_init_weights
     from l2e_dist.model.gpt_neox import GPTNeoX
     from l2e_dist.parallel.state import destroy_process_groups, init_process_groups
 
-    dist.init_process_group("gloo")
     init_process_groups(1)
     try:
         model = GPTNeoX(WeightSource(snapshot).model_config).eval()
