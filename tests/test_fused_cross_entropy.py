@@ -70,13 +70,14 @@ def _compare(tp: int, chunk_tokens: int, dtype: torch.dtype) -> dict:
         destroy_process_groups()
 
 
-@pytest.mark.parametrize("chunk_tokens", [7, 4096])
+@pytest.mark.parametrize("chunk_tokens", [7, pytest.param(4096, marks=pytest.mark.slow)])
 def test_fused_equals_chunked_and_full_logits_at_tp1(chunk_tokens):
     (errors,) = run_distributed(_compare, 1, 1, chunk_tokens, torch.float32)
     assert set(errors) >= {"full/loss", "chunked/grad_weight"}
     assert max(errors.values()) < 1e-5, errors
 
 
+@pytest.mark.slow
 def test_fused_equals_chunked_in_bf16():
     """Both read the same bf16 logits; the gradients differ at most by a rounding of the bf16 cast."""
     (errors,) = run_distributed(_compare, 1, 1, 7, torch.bfloat16)

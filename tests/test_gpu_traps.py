@@ -113,7 +113,9 @@ def test_host_sync_detector_reports_a_planted_read():
     assert per_step == [[DEVICE_TO_HOST]], per_step
 
 
-@pytest.mark.parametrize(("method", "fkr"), [("none", False), ("l2e", False), ("memel", False), ("l2e", True)])
+@pytest.mark.parametrize(("method", "fkr"), [
+    pytest.param("none", False, marks=pytest.mark.slow), pytest.param("l2e", False, marks=pytest.mark.slow),
+    pytest.param("memel", False, marks=pytest.mark.slow), ("l2e", True)])  # the fast tier: L2E with FKR
 def test_bf16_step_on_the_meta_device_never_syncs_with_the_host(method, fkr):
     """Forward, backward and L2E's step boundary must stay on the device: no data-dependent shape, no CPU tensor,
     and no value read but L2E's one per optimizer step (its merged scalars, l2e/merge.py). The trainer's read of

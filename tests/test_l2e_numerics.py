@@ -460,6 +460,7 @@ def _shipped_lambda_gradient(overlay: str | None) -> tuple[float, float, float, 
         destroy_process_groups()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlay", [None, "configs/l2e/l2e.yaml"])
 def test_shipped_lambda_gives_the_formulas_gradient(overlay):
     """The shipped tiny config (lambda 1e-6) and the L2E overlay with pythia-70m's paper lambda 1e-9 on the tiny
