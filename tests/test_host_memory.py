@@ -82,7 +82,7 @@ def test_a_cpu_run_reuses_freed_buffers_without_page_faults() -> None:
 # Imports every entry point (nothing may change), then runs l2e-pretrain's main as far as --print-config (config
 # loaded: megatron-core imported, which allocates tensors), then allocates a 64 MiB tensor: with THP applied in
 # time, its pages are huge pages (AnonHugePages grows). `late` is the control: the variable set by hand after the
-# same imports is never seen by torch.
+# same imports and one tensor allocation is never seen by torch.
 _ENTRY_POINT = textwrap.dedent(
     """
     import contextlib, io, json, os
@@ -99,8 +99,8 @@ _ENTRY_POINT = textwrap.dedent(
     late = LATE
     with contextlib.redirect_stdout(io.StringIO()):
         if late:
-            from l2e_dist.config import load_config
-            load_config(["configs/tiny.yaml"])
+            import torch
+            torch.zeros(1)  # torch reads THP_MEM_ALLOC_ENABLE once, at its first host allocation
             os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
         else:
             assert launcher.pretrain.main(["--config", "configs/tiny.yaml", "--print-config"]) == 0
