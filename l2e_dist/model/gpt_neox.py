@@ -296,12 +296,14 @@ class ParallelResidualLayer(nn.Module):
         return branch + self.mlp.project_down(activation)
 
     def compile_around_activation(self, backend: str | Callable = "inductor") -> None:
-        """torch.compile the two halves of the layer (fullgraph: a graph break is an error) and leave the MLP
-        activation with its probes eager between them. The L2E hooks on the probes read and update the engine's
-        per-step state; inside a graph Dynamo guards on it and compiles a new graph every step. Only instance
-        attributes change, so state-dict names stay those of the eager layer."""
-        self.before_activation = torch.compile(self.before_activation, backend=backend, fullgraph=True)
-        self.after_activation = torch.compile(self.after_activation, backend=backend, fullgraph=True)
+        """torch.compile the two halves of the layer and leave the MLP activation with its probes eager between
+        them. The L2E hooks on the probes read and update the engine's per-step state; inside a graph Dynamo
+        guards on it and compiles new graphs step after step. Only instance attributes change, so state-dict
+        names stay those of the eager layer. fullgraph (a graph break is an error) at TP=1; megatron-core's TP>1
+        layers do not trace whole (a warnings.warn in its linear), so there the halves may break around them."""
+        fullgraph = self.attention.tp_size == 1
+        self.before_activation = torch.compile(self.before_activation, backend=backend, fullgraph=fullgraph)
+        self.after_activation = torch.compile(self.after_activation, backend=backend, fullgraph=fullgraph)
 
 
 class GPTNeoX(nn.Module):
