@@ -166,3 +166,17 @@ def test_compiled_layers_at_tp2_equal_eager():
         assert loss == pytest.approx(eager_loss, rel=1e-6)
         for name, grad in eager_grads.items():
             assert _relative_error(grads[name], grad) < 1e-5, name
+
+
+
+def test_compile_with_zero3_is_a_config_error():
+    """ZeRO-3 + train.compile failed at the first forward (Dynamo traces the partitioned, empty parameters under
+    the old whole-layer compile too): one config error at load, naming the fix."""
+    from l2e_dist.config import load_config
+    from l2e_dist.config_utils import ConfigError
+    from tests.conftest import ROOT
+
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    load_config([tiny], ["train.compile=true", "deepspeed.zero_stage=2"])
+    with pytest.raises(ConfigError, match="train.compile.*deepspeed.zero_stage=3.*set train.compile=false"):
+        load_config([tiny], ["train.compile=true", "deepspeed.zero_stage=3"])
