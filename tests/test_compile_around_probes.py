@@ -15,9 +15,10 @@ LATE_START = 2  # steps 0-1 collect, step 2 calibrates tau, steps 3-7 select (th
 VOCAB, TOKENS = 64, 9
 
 
-def _train_eager_and_compiled(num_layers: int, use_parallel_residual: bool, activation_checkpointing: bool) -> list:
+def _train_eager_and_compiled(num_layers: int, use_parallel_residual: bool, activation_checkpointing: bool,
+                              l2e_backend: str) -> list:
     """The same tiny model trained STEPS steps eagerly and compiled (backend aot_eager, through a compile counter),
-    each with its own dense L2E engine on every layer. Per step: both runs' loss, L2E term, gradients and engine
+    each with its own L2E engine (`l2e_backend`: "dense" as on GPUs, or "cpu") on every layer. Per step: both runs' loss, L2E term, gradients and engine
     state, and Dynamo's counts so far."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
@@ -48,7 +49,7 @@ def _train_eager_and_compiled(num_layers: int, use_parallel_residual: bool, acti
         runs = []
         for model in (eager, compiled):
             model.activation_checkpointing = activation_checkpointing
-            inhibitor = L2EInhibitor(l2e, layers, cfg.ffn_size, backend="dense")  # what GPUs run
+            inhibitor = L2EInhibitor(l2e, layers, cfg.ffn_size, backend=l2e_backend)
             attach(inhibitor, model.mlp_probes(l2e.activation))
             runs.append((model, inhibitor, torch.optim.SGD(model.parameters(), lr=0.1)))
         gen = torch.Generator().manual_seed(1)
@@ -76,12 +77,13 @@ def _train_eager_and_compiled(num_layers: int, use_parallel_residual: bool, acti
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_layers, use_parallel_residual, activation_checkpointing",
-                         [(2, True, False), (2, False, True), (10, True, True)])
+@pytest.mark.parametrize("num_layers, use_parallel_residual, activation_checkpointing, l2e_backend",
+                         [(2, True, False, "dense"), (2, False, True, "dense"), (10, True, True, "dense"),
+                          (2, True, False, "cpu")])
 def test_compiled_layers_keep_a_fixed_graph_count_while_l2e_state_changes(
-        num_layers, use_parallel_residual, activation_checkpointing):
+        num_layers, use_parallel_residual, activation_checkpointing, l2e_backend):
     steps = run_distributed(_train_eager_and_compiled, 1, num_layers, use_parallel_residual,
-                            activation_checkpointing)[0]
+                            activation_checkpointing, l2e_backend)[0]
 
     # the run went through the phases where the compiled-in state would change: mu/var every step, tau once
     # calibrated, the L2E term on from the first selecting step
