@@ -262,7 +262,7 @@ def _losses(overrides: list[str]) -> list[float]:
 
 @pytest.mark.slow
 def test_compiled_layers_train_like_eager(tmp_path, data_cache):
-    """train.compile=true (torch.compile per layer, L2E hooks inside) gives the eager losses on CPU."""
+    """train.compile=true (torch.compile per layer, L2E hooks eager between its halves) gives the eager losses on CPU."""
     extra = {"train.train_iters": 4, "l2e.method": "l2e", "l2e.late_start": 2}
     eager = run_distributed(_losses, 1, small_run_overrides(tmp_path / "eager", data_cache, **extra))[0]
     compiled = run_distributed(

@@ -55,7 +55,7 @@ def _tiny(*overrides: str):
 def test_layout_keys_may_change_experiment_keys_may_not():
     saved = config_to_dict(_tiny())
     check_same_experiment(saved, _tiny(
-        "parallel.tensor_parallel=2", "deepspeed.zero_stage=3", "train.micro_batch_size=2",
+        "parallel.tensor_parallel=2", "deepspeed.zero_stage=2", "train.micro_batch_size=2",
         "train.activation_checkpointing=true", "train.log_interval=1", "train.output_dir=elsewhere",
         "parallel.watchdog_timeout_s=10", "parallel.dist_timeout_s=100", "train.compile=true",
         "logging.tensorboard=false", "model.loss_chunk_tokens=64", "train.train_iters=300",

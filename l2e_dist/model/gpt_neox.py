@@ -17,6 +17,8 @@ in the forward for the training mean), so the fp32 logits of a whole micro-batch
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -165,8 +167,22 @@ def _rotate_into(out: torch.Tensor, x: torch.Tensor, c: torch.Tensor, s: torch.T
 
 def split_qkv_rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dims: int):
     """q, k, v [b, heads, s, head_dim] from qkv [b, s, heads, 3*head_dim]; equal to view/transpose/split then
-    GPT-NeoX's rotate_half rotary on q and k (tests/test_model_tp.py checks values and gradients against it)."""
+    GPT-NeoX's rotate_half rotary on q and k (tests/test_model_tp.py checks values and gradients against it).
+    Inside torch.compile that plain form runs instead: Dynamo cannot trace the `out=` writes into views of the
+    hand-written function (a graph break), and Inductor fuses the plain ops itself."""
+    if torch.compiler.is_compiling():
+        q, k, v = qkv.transpose(1, 2).split(qkv.shape[-1] // 3, dim=-1)
+        return _rotary(q, cos, sin, rotary_dims), _rotary(k, cos, sin, rotary_dims), v
     return _SplitQKVRotary.apply(qkv, cos, sin, rotary_dims)
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dims: int) -> torch.Tensor:
+    """GPT-NeoX's rotary on the first `rotary_dims` dims of x [b, heads, s, head_dim] (rotate_half layout)."""
+    if rotary_dims == 0:
+        return x
+    rotated, rest = x[..., :rotary_dims], x[..., rotary_dims:]
+    first, second = rotated.chunk(2, dim=-1)
+    return torch.cat((rotated * cos + torch.cat((-second, first), dim=-1) * sin, rest), dim=-1)
 
 
 class ParallelAttention(nn.Module):
@@ -219,10 +235,19 @@ class ParallelMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """reduce=False (TP>1): this rank's partial sum of the output projection, without bias."""
-        hidden = _linear(self.dense_h_to_4h, x, self.tp_size)
+        return self.project_down(self.activation(self.project_up(x)), reduce)
+
+    def project_up(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(self.dense_h_to_4h, x, self.tp_size)
+
+    def activation(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The neuron activation between its two probes. A compiled layer runs this part eagerly, so that the
+        probes' (L2E) hooks stay outside its graphs (ParallelResidualLayer.compile_around_activation)."""
         hidden = self.pre_act_probe(hidden)
         hidden = F.gelu(hidden, approximate=self.gelu_approximate)
-        hidden = self.post_act_probe(hidden)
+        return self.post_act_probe(hidden)
+
+    def project_down(self, hidden: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         if not reduce:
             return F.linear(hidden, self.dense_4h_to_h.weight)
         return _linear(self.dense_4h_to_h, hidden, self.tp_size)
@@ -244,18 +269,41 @@ class ParallelResidualLayer(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.attention = ParallelAttention(cfg, mcfg, init_in, init_out)
         self.mlp = ParallelMLP(cfg, mcfg, init_in, init_out)
+        # TP>1 with the parallel residual: both branches' partial sums are added, then all-reduced once
+        self._reduces_once = self.use_parallel_residual and self.attention.tp_size > 1
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if self.use_parallel_residual and self.attention.tp_size > 1:
-            partial = self.attention(self.input_layernorm(x), cos, sin, reduce=False)
-            partial = partial + self.mlp(self.post_attention_layernorm(x), reduce=False)
+        branch, pre_activation = self.before_activation(x, cos, sin)
+        return self.after_activation(x, branch, self.mlp.activation(pre_activation))
+
+    def before_activation(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to the MLP neuron activation: the attention branch (x + attention, or at TP>1 with the parallel
+        residual this rank's partial sum) and the MLP's pre-activation."""
+        if self._reduces_once:
+            branch = self.attention(self.input_layernorm(x), cos, sin, reduce=False)
+            mlp_input = self.post_attention_layernorm(x)
+        else:
+            branch = x + self.attention(self.input_layernorm(x), cos, sin)
+            mlp_input = self.post_attention_layernorm(x if self.use_parallel_residual else branch)
+        return branch, self.mlp.project_up(mlp_input)
+
+    def after_activation(self, x: torch.Tensor, branch: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+        """From the MLP neuron activation on: the output projection and the residual sum."""
+        if self._reduces_once:
+            partial = branch + self.mlp.project_down(activation, reduce=False)
             out = reduce_from_tensor_model_parallel_region(partial)  # backward: identity, as megatron's row layers
             return x + out + (self.attention.dense.bias + self.mlp.dense_4h_to_h.bias)
-        attn = self.attention(self.input_layernorm(x), cos, sin)
-        if self.use_parallel_residual:
-            return x + attn + self.mlp(self.post_attention_layernorm(x))
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return branch + self.mlp.project_down(activation)
+
+    def compile_around_activation(self, backend: str | Callable = "inductor") -> None:
+        """torch.compile the two halves of the layer and leave the MLP activation with its probes eager between
+        them. The L2E hooks on the probes read and update the engine's per-step state; inside a graph Dynamo
+        guards on it and compiles new graphs step after step. Only instance attributes change, so state-dict
+        names stay those of the eager layer. fullgraph (a graph break is an error) at TP=1; megatron-core's TP>1
+        layers do not trace whole (a warnings.warn in its linear), so there the halves may break around them."""
+        fullgraph = self.attention.tp_size == 1
+        self.before_activation = torch.compile(self.before_activation, backend=backend, fullgraph=fullgraph)
+        self.after_activation = torch.compile(self.after_activation, backend=backend, fullgraph=fullgraph)
 
 
 class GPTNeoX(nn.Module):
@@ -296,11 +344,12 @@ class GPTNeoX(nn.Module):
         self.to_empty(device=device)
         self.rotary.reset_buffers()
 
-    def compile_layers(self) -> None:
-        """`train.compile`: torch.compile each transformer layer in place (state-dict names unchanged, so
-        checkpoints and HF conversion are unaffected; the L2E probe hooks inside run in the compiled graph)."""
+    def compile_layers(self, backend: str | Callable = "inductor") -> None:
+        """`train.compile`: torch.compile each transformer layer in place, up to and from its MLP activation;
+        the activation probes (L2E hooks) run eagerly in between (ParallelResidualLayer.compile_around_activation).
+        State-dict names are unchanged, so checkpoints and HF conversion are unaffected."""
         for layer in self.layers:
-            layer.compile()
+            layer.compile_around_activation(backend)
 
     def mlp_probes(self, activation: str = "post_act") -> dict[int, nn.Module]:
         """Layer index -> the identity module at the MLP neuron activation (for L2E hooks)."""
