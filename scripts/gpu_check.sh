@@ -71,7 +71,8 @@ step() {
 
 # Bench cases by name: each is one l2e-bench process (its own peak memory) with these --set overrides.
 # A new flag to measure (an attention backend, a fused loss) is one more entry here and a name in the list.
-declare -A BENCH_CASE_SETS=([eager]="" [compile]="train.compile=true")
+declare -A BENCH_CASE_SETS=([eager]="" [compile]="train.compile=true l2e.backend=compiled"
+    [fused]="train.compile=true l2e.backend=compiled model.cross_entropy=fused model.attention_backend=flash")
 read -ra BENCH_CASES <<<"${GPU_CHECK_BENCH_CASES:-$([[ $MODE == gpu ]] && echo "eager compile" || echo "eager")}"
 for case in "${BENCH_CASES[@]}"; do
     [[ -v BENCH_CASE_SETS[$case] ]] || { echo "gpu_check: unknown bench case $case (known: ${!BENCH_CASE_SETS[*]})" >&2; exit 2; }
@@ -106,7 +107,7 @@ if [[ $MODE == gpu ]]; then
               --set optimizer.lr_decay_iters=40 --set optimizer.warmup_fraction=0.1
               --set optimizer.schedule=warmup_decay --set l2e.late_start=4)
     LIMIT_STEPS=75; LIMIT_PRETRAIN=120; LIMIT_TESTS=90
-    declare -A LIMIT_BENCH_OF=([eager]=60 [compile]=100)
+    declare -A LIMIT_BENCH_OF=([eager]=60 [compile]=100 [fused]=100)
 else
     DEVICE=cpu
     BENCH_CONFIG=configs/tiny.yaml; BENCH_MICRO=2
@@ -121,7 +122,7 @@ else
     unset L2E_NO_SKIPS                       # (the suite's no-skip rule is for the suite, not this smoke step)
     LIMIT_STEPS=300; LIMIT_PRETRAIN=300; LIMIT_TESTS=300
     BUDGET_S=${GPU_CHECK_BUDGET_S:-1400}   # a loaded 2-core CI machine
-    declare -A LIMIT_BENCH_OF=([eager]=300 [compile]=600)
+    declare -A LIMIT_BENCH_OF=([eager]=300 [compile]=600 [fused]=600)
 fi
 export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-cache"   # the compile case's own cache, reported with it
 

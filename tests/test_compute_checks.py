@@ -113,6 +113,19 @@ def test_start_up_logs_one_warning_line(capsys):
     assert "round away" not in capsys.readouterr().out
 
 
+def test_the_cpu_l2e_backend_on_an_accelerator_is_a_config_error():
+    from l2e_dist.config_utils import ConfigError
+    from l2e_dist.training.compute_checks import check_compute_settings
+
+    cuda = torch.device("cuda")  # nothing is allocated on it: the attention backend is auto
+    with pytest.raises(ConfigError, match=r"'l2e.backend'.*'cpu' runs on CPU activations.*on cuda.*auto, dense or compiled"):
+        check_compute_settings(_config("l2e.method=l2e", "l2e.backend=cpu"), cuda, 1)
+    for ok in ("auto", "dense", "compiled"):
+        check_compute_settings(_config("l2e.method=l2e", f"l2e.backend={ok}"), cuda, 1)
+    check_compute_settings(_config("l2e.method=l2e", "l2e.backend=cpu"), torch.device("cpu"), 1)
+    check_compute_settings(_config("l2e.method=none", "l2e.backend=cpu"), cuda, 1)  # no engine, nothing to refuse
+
+
 def _surviving_projections(reg_lambda: float) -> list[float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(

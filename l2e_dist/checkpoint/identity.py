@@ -135,6 +135,7 @@ KEY_RULES: dict[str, Rule] = {
     "l2e.grad_precision": _experiment("whether the regularizer's gradient reaches the weights whole in bf16",
                                       applies=_l2e_on),
     "l2e.max_nonfinite_steps": GUARD,
+    "l2e.backend": _free("compute only: which implementation of the same pass runs"),
     **{f"logging.{key}": LOGGING for key in (
         "tensorboard", "wandb", "wandb_project", "wandb_mode", "progress_bar", "histogram_size")},
 }

@@ -47,6 +47,10 @@ class L2EConfig:
     # gradients enter DeepSpeed's fp32 gradient buffers apart from the LM's, reduced in fp32
     # (training/l2e_precision.py; one more partial backward per micro-batch, fp32 gradient communication).
     grad_precision: Literal["activation", "fp32"] = "activation"
+    # Which implementation of the same pass runs (equal results): auto: the CPU kernel path for CPU activations,
+    # the dense pass elsewhere; dense / cpu: forced; compiled: the dense pass under torch.compile (one fused
+    # graph per phase; for accelerators, where the eager dense pass is ~14 activation-sized kernels per layer).
+    backend: Literal["auto", "dense", "cpu", "compiled"] = "auto"
     delta: float = 1e-6  # keeps log((z - mu)^2 + delta) finite
     eps: float = 0.01  # score phi = (z - mu)^2 / (var + eps x the layer's mean var)
     # Counted in optimizer steps: statistics and the threshold update once per step.

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from l2e_dist.l2e import cpu_scan, step_sums
+from l2e_dist.l2e.compiled_backend import compiled_pass
 from l2e_dist.l2e.config import L2EConfig
 from l2e_dist.l2e.cpu_backend import Scratch, cpu_pass, kernel_serves
 from l2e_dist.l2e.reference import LayerPass, MethodSettings, PassSums, Phase, StepConstants, dense_pass
@@ -38,7 +39,7 @@ from l2e_dist.l2e.step_sums import (
 )
 from l2e_dist.l2e.threshold import HIST_BINS, histogram_counts
 
-BACKENDS = ("auto", "dense", "cpu")  # auto: "cpu" for CPU activations, "dense" elsewhere
+BACKENDS = ("auto", "dense", "cpu", "compiled")  # auto: "cpu" for CPU activations, "dense" elsewhere
 
 
 def loss_scale(cfg: L2EConfig, local_tokens: int, dp_size: int, micro_batches_per_step: int) -> float:
@@ -86,7 +87,8 @@ class L2EInhibitor:
     (per-token top-k retrieval + reverse deactivation), over the MLP activations of `layer_ids`.
 
     `backend`: "auto" runs cpu_backend.py for CPU activations and reference.py's dense pass elsewhere; "dense" or
-    "cpu" forces one (the tests prove them equal)."""
+    "cpu" forces one; "compiled" runs the dense pass under torch.compile (compiled_backend.py). The tests prove
+    them equal."""
 
     def __init__(self, cfg: L2EConfig, layer_ids: list[int], num_neurons: int, *, tp_rank: int = 0,
                  tp_size: int = 1, reduce_group=None, tp_group=None, dp_size: int = 1,
@@ -125,7 +127,8 @@ class L2EInhibitor:
             refresh_derived(state, cfg.eps)
         self._metric_sums = [[0.0] * NUM_METRICS for _ in self.layer_ids]  # host sums since the last metrics()
         self._scratch = Scratch()
-        if cfg.enabled and kernel_serves(self.settings) and self.device.type == "cpu" and backend != "dense":
+        self._compiled_pass = compiled_pass(self.settings) if backend == "compiled" else None
+        if cfg.enabled and kernel_serves(self.settings) and self.device.type == "cpu" and backend in ("auto", "cpu"):
             cpu_scan.available()  # build (once per machine: a compile) or load it now, not inside a step
         self._reset_step()
 
@@ -318,6 +321,8 @@ class L2EInhibitor:
         backend = backend or self.backend
         if backend == "cpu" or (backend == "auto" and z.device.type == "cpu"):
             return cpu_pass(z, flat, constants, self.settings, phase, want_scores, self._scratch)
+        if backend == "compiled":
+            return self._compiled_pass(z, flat, constants, self.settings, phase, want_scores)
         return dense_pass(z, flat, constants, self.settings, phase, want_scores)
 
     def _record(self, layer_id: int, state: LayerState, slots: Slots, result: LayerPass, labelled: bool) -> None:

@@ -24,10 +24,8 @@ import functools
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
-from l2e_dist.model.lm_head_loss import _accumulate_grad_weight, chunked_lm_head_loss
+from l2e_dist.model.lm_head_loss import _accumulate_grad_weight, chunked_lm_head_loss, vocab_parallel_inputs
 
 CROSS_ENTROPY_CHOICES = ("chunked", "fused")
 
@@ -126,12 +124,7 @@ def fused_lm_head_loss(
     """Same contract as lm_head_loss.chunked_lm_head_loss; the training mean takes the fused passes."""
     if reduction != "mean":
         return chunked_lm_head_loss(hidden, weight, labels, chunk_tokens, reduction)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
-    vocab_start = parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]
-    if tp > 1:
-        hidden = copy_to_tensor_model_parallel_region(hidden)  # backward: all-reduce of the partial grad_hidden
-    flat = hidden.reshape(-1, hidden.shape[-1])
+    flat, group, vocab_start = vocab_parallel_inputs(hidden, weight)
     return _FusedLMHeadMeanLoss.apply(flat, weight, labels.reshape(-1), chunk_tokens, group, vocab_start)
 
 

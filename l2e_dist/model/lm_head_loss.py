@@ -127,6 +127,18 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 
+def vocab_parallel_inputs(hidden: torch.Tensor, weight: torch.Tensor):
+    """This TP rank's inputs to a vocab-parallel LM-head loss: hidden as [tokens, h] (at TP > 1 through megatron's
+    copy region, whose backward all-reduces the partial grad_hidden), the TP group (None at TP = 1) and the first
+    vocabulary row of `weight`, this rank's slice."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+    vocab_start = parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]
+    if tp > 1:
+        hidden = copy_to_tensor_model_parallel_region(hidden)
+    return hidden.reshape(-1, hidden.shape[-1]), group, vocab_start
+
+
 def chunked_lm_head_loss(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int, reduction: str = "none"
 ) -> torch.Tensor:
@@ -135,12 +147,7 @@ def chunked_lm_head_loss(
     (reduction="none") or their mean (reduction="mean"), in fp32."""
     if reduction not in ("none", "mean"):
         raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
-    vocab_start = parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]
-    if tp > 1:
-        hidden = copy_to_tensor_model_parallel_region(hidden)  # backward: all-reduce of the partial grad_hidden
-    flat = hidden.reshape(-1, hidden.shape[-1])
+    flat, group, vocab_start = vocab_parallel_inputs(hidden, weight)
     out = _ChunkedLMHeadLoss.apply(flat, weight, labels.reshape(-1), chunk_tokens, group, vocab_start,
                                    reduction == "mean")
     return out if reduction == "mean" else out.view(labels.shape)

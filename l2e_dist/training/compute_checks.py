@@ -1,5 +1,6 @@
 """Start-up checks of the compute settings, before any step runs: the attention backend has a kernel for the run,
-and a half-precision L2E run whose regularizer gradient would mostly round away says so.
+the L2E backend suits the device, and a half-precision L2E run whose regularizer gradient would mostly round away
+says so.
 
 Why L2E's gradient can vanish in bf16/fp16: the regularizer's backward adds its gradient g_own into the bf16
 gradient g_up already at the MLP activation (the LM loss and later layers). A part of g_own smaller than half a
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from l2e_dist.config import RunConfig
+from l2e_dist.config_utils import ConfigError
 from l2e_dist.console import log_event
 from l2e_dist.model.attention_backend import check_attention_backend
 
@@ -64,10 +66,14 @@ def l2e_rounding_warning(cfg: RunConfig) -> str | None:
 
 def check_compute_settings(cfg: RunConfig, device: torch.device, tensor_parallel: int) -> None:
     """At start-up, before data and engine are used: a config error for an attention backend without a kernel
-    for this run, one warning line for an L2E lambda that half precision would round away."""
+    for this run or for the CPU L2E backend on an accelerator; one warning line for an L2E lambda that half
+    precision would round away."""
     heads = cfg.model.num_attention_heads // tensor_parallel
     check_attention_backend(cfg.model.attention_backend, device, PRECISION_DTYPES[cfg.deepspeed.precision], heads,
                             cfg.model.head_dim)
+    if cfg.l2e.method != "none" and cfg.l2e.backend == "cpu" and device.type != "cpu":
+        raise ConfigError("l2e.backend", f"'cpu' runs on CPU activations, this run's are on {device.type}; set "
+                          "l2e.backend to auto, dense or compiled")
     warning = l2e_rounding_warning(cfg)
     if warning is not None:
         log_event(warning)

@@ -112,6 +112,7 @@ def build_inhibitor(
         dp_size=layout.dp_size,
         micro_batches_per_step=grad_accum_steps,
         device=device,
+        backend=cfg.l2e.backend,
     )
     probes = model.mlp_probes(cfg.l2e.activation)
     attach_l2e(inhibitor, {layer: probes[layer] for layer in layers})
