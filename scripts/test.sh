@@ -4,7 +4,7 @@
 # missing tool: L2E_NO_SKIPS=1 makes any skipped test fail the run (tests/conftest.py).
 #
 #   bash scripts/test.sh                  everything (CI): every test, the slow ones included
-#   bash scripts/test.sh --fast           the fast tier (-m "not slow"): unit tests of every package, one
+#   bash scripts/test.sh --fast           the fast tier (-m "not slow and not gpu"): unit tests of every package, one
 #                                         multi-process equality test, one resume; a few minutes on 2 cores
 #   bash scripts/test.sh [--fast] ARGS    ARGS go to pytest (a file, -k EXPR, -x, ...)
 set -euo pipefail

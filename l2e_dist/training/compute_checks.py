@@ -71,7 +71,7 @@ def check_compute_settings(cfg: RunConfig, device: torch.device, tensor_parallel
     heads = cfg.model.num_attention_heads // tensor_parallel
     check_attention_backend(cfg.model.attention_backend, device, PRECISION_DTYPES[cfg.deepspeed.precision], heads,
                             cfg.model.head_dim)
-    if cfg.l2e.method != "none" and cfg.l2e.backend == "cpu" and device.type != "cpu":
+    if cfg.l2e.enabled and cfg.l2e.backend == "cpu" and device.type != "cpu":
         raise ConfigError("l2e.backend", f"'cpu' runs on CPU activations, this run's are on {device.type}; set "
                           "l2e.backend to auto, dense or compiled")
     warning = l2e_rounding_warning(cfg)
